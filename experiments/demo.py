@@ -1,0 +1,60 @@
+"""The demo experiment: a narrow 3D U-Net on the built-in CT phantoms, sized to train in minutes on a 2-core CPU.
+
+Run: medseg train --config experiments/demo.py --workdir runs/my_run --config.data.dataset=DATASET_DIR
+"""
+
+import ml_collections
+
+
+def get_config():
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+
+    config.data = ml_collections.ConfigDict()
+    config.data.dataset = ""  # a dataset folder in Decathlon (MSD) or nnU-Net raw layout
+    config.data.val_cases = 2  # the last N training cases (sorted by id) are held out for validation
+    config.data.target_spacing = ()  # mm per canonical axis; empty: the median spacing of the training cases
+    config.data.normalization = "auto"  # auto (by modality) | ct | zscore | percentile | none
+    config.data.oversample_foreground = 0.33  # share of each batch centred on a foreground class (nnU-Net: 1/3)
+
+    config.model = ml_collections.ConfigDict()
+    config.model.name = "unet"
+    config.model.features = (8, 16, 32, 64)
+    config.model.convs_per_stage = 2
+    config.model.norm = "instance"
+    config.model.activation = "leaky_relu"
+    config.model.deep_supervision = True
+    config.model.strides = None  # per stage; None: 1 then 2 on every axis
+    config.model.kernel_sizes = None  # per stage; None: 3 on every axis
+
+    config.loss = ml_collections.ConfigDict()
+    config.loss.name = "dice_ce"
+    config.loss.dice_weight = 1.0
+    config.loss.ce_weight = 1.0
+    config.loss.batch_dice = False
+
+    config.augment = ml_collections.ConfigDict()
+    config.augment.preset = "intensity"
+
+    config.train = ml_collections.ConfigDict()
+    config.train.steps = 300
+    config.train.batch_size = 2
+    config.train.patch_size = (64, 64, 32)
+    config.train.optimizer = "adamw"
+    config.train.learning_rate = 3e-3
+    config.train.weight_decay = 1e-5
+    config.train.schedule = "cosine"
+    config.train.warmup_steps = 10
+    config.train.grad_clip = 12.0
+    config.train.log_every = 10
+    config.train.val_every = 100
+    config.train.checkpoint_every = 50
+
+    config.infer = ml_collections.ConfigDict()
+    config.infer.overlap = 0.5
+    config.infer.batch_size = 2
+
+    config.mesh = ml_collections.ConfigDict()
+    config.mesh.data = -1  # devices on the data axis; -1: all
+
+    return config

@@ -1,0 +1,148 @@
+"""`medseg` command line: parses arguments, calls one function per command, maps MedsegError to exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _overrides(unknown: list[str], parser: argparse.ArgumentParser) -> list[str]:
+    overrides = [u for u in unknown if u.startswith("--config.")]
+    others = [u for u in unknown if not u.startswith("--config.")]
+    if others:
+        parser.error(f"unrecognized arguments: {' '.join(others)}")
+    return overrides
+
+
+def cmd_demo_data(args) -> None:
+    from medseg_jax.data.phantoms import write_demo_dataset
+
+    out = write_demo_dataset(args.out, modality=args.modality, num_train=args.cases, num_test=args.test_cases,
+                             seed=args.seed)
+    print(f"wrote {args.cases} training and {args.test_cases} test {args.modality.upper()} cases to {out}")
+
+
+def cmd_train(args, overrides) -> None:
+    from medseg_jax import config as config_lib
+    from medseg_jax import runs
+    from medseg_jax.errors import MedsegError
+    from medseg_jax.train.loop import train
+
+    if args.resume:
+        config = runs.RunDir(args.workdir).load_config()
+        config = config_lib.apply_overrides(config, overrides)
+    else:
+        if not args.config:
+            raise MedsegError("--config is required (an experiment file such as experiments/demo.py)")
+        config = config_lib.load_config(args.config, overrides)
+    if args.dataset:
+        config.data.dataset = args.dataset
+    summary = train(config, args.workdir, resume=args.resume)
+    print(f"trained {summary['steps']} steps in {summary['train_seconds']:.0f} s on {summary['device']}; "
+          f"best validation Dice {summary['best_val_dice']}; run directory {args.workdir}")
+
+
+def cmd_predict(args) -> None:
+    from medseg_jax.predict import predict
+
+    result = predict(args.run, args.input, args.output, overwrite=args.overwrite, skip_bad=args.skip_bad,
+                     checkpoint=args.checkpoint)
+    print(f"wrote {len(result['written'])} predictions to {args.output}")
+    for failure in result["failed"]:
+        print(f"skipped {failure['case']}: {failure['problem']}", file=sys.stderr)
+
+
+def cmd_evaluate(args) -> None:
+    from medseg_jax.evaluate import evaluate
+
+    summary = evaluate(args.pred, args.ref, args.out, dataset_json=args.dataset_json, overwrite=args.overwrite)
+    print(format_summary(summary))
+    print(f"reports in {args.out}")
+
+
+def format_summary(summary: dict) -> str:
+    width = max([len(n) for n in summary["per_class"]] + [12])
+    lines = [f"{'class':<{width}}  mean Dice", "-" * (width + 11)]
+    for name, value in summary["per_class"].items():
+        lines.append(f"{name:<{width}}  {'n/a' if value is None else f'{value:.4f}'}")
+    lines.append("-" * (width + 11))
+    mean = summary["mean_dice"]
+    lines.append(f"{'foreground':<{width}}  {'n/a' if mean is None else f'{mean:.4f}'}  ({summary['num_cases']} cases)")
+    return "\n".join(lines)
+
+
+def cmd_demo(args, overrides) -> None:
+    from medseg_jax.demo import run_demo
+
+    run_demo(args.out, modality=args.modality, num_train=args.cases, num_test=args.test_cases, seed=args.seed,
+             config_path=args.config, overrides=overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medseg", description="3D medical image segmentation in JAX")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo-data", help="write synthetic CT/MRI/US phantoms in Decathlon layout")
+    p.add_argument("--out", required=True, help="dataset folder to create (must not exist or be empty)")
+    p.add_argument("--modality", choices=["ct", "mri", "us"], default="ct")
+    p.add_argument("--cases", type=int, default=20, help="training cases (imagesTr/labelsTr)")
+    p.add_argument("--test-cases", type=int, default=5, help="test cases (imagesTs, labels in labelsTs)")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("train", help="train a model; extra --config.key=value arguments override the config")
+    p.add_argument("--config", help="experiment file with get_config() (not needed with --resume)")
+    p.add_argument("--workdir", required=True, help="run directory (new, or existing with --resume)")
+    p.add_argument("--dataset", help="dataset folder; shorthand for --config.data.dataset=DIR")
+    p.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
+
+    p = sub.add_parser("predict", help="segment scans with a trained run")
+    p.add_argument("--run", required=True, help="run directory made by `medseg train`")
+    p.add_argument("--input", required=True, help="a NIfTI file or a folder of them")
+    p.add_argument("--output", required=True, help="folder for the predicted label maps (same file names)")
+    p.add_argument("--checkpoint", choices=["best", "latest"], default="best")
+    p.add_argument("--overwrite", action="store_true", help="replace existing files in --output")
+    p.add_argument("--skip-bad", action="store_true", help="predict the good inputs and report the bad ones")
+
+    p = sub.add_parser("evaluate", help="Dice per case and class of predictions against references")
+    p.add_argument("--pred", required=True, help="folder of predicted label maps")
+    p.add_argument("--ref", required=True, help="folder of reference label maps (same file names)")
+    p.add_argument("--out", required=True, help="folder for per_case.csv and summary.json")
+    p.add_argument("--dataset-json", help="dataset.json naming the labels (default: beside or above --ref)")
+    p.add_argument("--overwrite", action="store_true")
+
+    p = sub.add_parser("demo", help="demo-data -> train -> predict -> evaluate on built-in phantoms")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--modality", choices=["ct", "mri", "us"], default="ct")
+    p.add_argument("--cases", type=int, default=20)
+    p.add_argument("--test-cases", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--config", help="experiment file (default: the packaged demo experiment)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from medseg_jax.errors import MedsegError
+
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    try:
+        if args.command in ("train", "demo"):
+            handler = {"train": cmd_train, "demo": cmd_demo}[args.command]
+            handler(args, _overrides(unknown, parser))
+        else:
+            if unknown:
+                parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+            {"demo-data": cmd_demo_data, "predict": cmd_predict, "evaluate": cmd_evaluate}[args.command](args)
+    except MedsegError as exc:
+        print(f"medseg {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"medseg {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

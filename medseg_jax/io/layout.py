@@ -1,0 +1,313 @@
+"""Dataset folders in Medical Segmentation Decathlon (MSD) or nnU-Net v2 raw layout, read from their dataset.json.
+
+MSD: dataset.json lists `"training": [{"image": "./imagesTr/x.nii.gz", "label": "./labelsTr/x.nii.gz"}, ...]` and
+`"test": ["./imagesTs/y.nii.gz", ...]`; one image file per case, 4D when it has several channels ("modality").
+nnU-Net v2: no lists; cases are the `imagesTr/<case>_0000<file_ending>` files, channel c in `<case>_<cccc>`, the label
+in `labelsTr/<case><file_ending>`; "channel_names" and "labels" ({"background": 0, ...}) describe them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from medseg_jax.errors import MedsegError
+
+NIFTI_ENDINGS = (".nii.gz", ".nii")
+_CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+
+
+@dataclass(frozen=True)
+class Case:
+    case_id: str
+    image_paths: tuple[Path, ...]  # one per channel file; MSD has one (maybe 4D) file
+    label_path: Path | None
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    root: Path
+    name: str
+    channel_names: dict[int, str]
+    labels: dict[int, str]  # label value -> name, including 0 (background)
+    training: tuple[Case, ...]
+    test: tuple[Case, ...]
+    file_ending: str
+
+    @property
+    def modality(self) -> str:
+        """"ct", "mri", "us" or "other", guessed from channel 0's name."""
+        name = self.channel_names.get(0, "").lower()
+        words = set(re.split(r"[^a-z0-9]+", name))
+        if "ct" in words:
+            return "ct"
+        if any(key in name for key in ("mr", "t1", "t2", "flair", "adc")):
+            return "mri"
+        if "us" in words or "ultrasound" in name:
+            return "us"
+        return "other"
+
+
+def _strip_nifti_ending(name: str) -> str | None:
+    for ending in NIFTI_ENDINGS:
+        if name.endswith(ending) and len(name) > len(ending):
+            return name[: -len(ending)]
+    return None
+
+
+def case_id_from_filename(name: str | os.PathLike) -> str:
+    """`liver_003_0000.nii.gz` -> `liver_003`, `liver_003.nii` -> `liver_003`: strips the ending and channel suffix."""
+    name = Path(name).name
+    stem = _strip_nifti_ending(name)
+    if stem is None:
+        stem = name
+    match = _CHANNEL_SUFFIX.match(stem)
+    return match["case"] if match else stem
+
+
+def list_nifti_inputs(path: str | os.PathLike) -> list[tuple[str, tuple[Path, ...]]]:
+    """Lists prediction / training inputs as `(case_id, channel_files)`, sorted by case id.
+
+    A single .nii/.nii.gz file is one case. In a folder (not recursive), nnU-Net's `_0000`, `_0001`, ... suffixes group
+    files into one multi-channel case; plain names are single-channel cases. Every case must have the same number of
+    channels, numbered from _0000 without gaps.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise MedsegError(f"{path}: not found")
+    if path.is_file():
+        if _strip_nifti_ending(path.name) is None:
+            raise MedsegError(f"{path}: not a NIfTI file (expected .nii or .nii.gz)")
+        return [(case_id_from_filename(path.name), (path,))]
+    groups: dict[str, dict[int, Path]] = defaultdict(dict)
+    for file in sorted(path.iterdir()):
+        stem = _strip_nifti_ending(file.name)
+        if stem is None or file.name.startswith(".") or not file.is_file():
+            continue
+        match = _CHANNEL_SUFFIX.match(stem)
+        case_id, channel = (match["case"], int(match["channel"])) if match else (stem, -1)
+        if channel in groups[case_id] or (groups[case_id] and (channel == -1) != (-1 in groups[case_id])):
+            other = next(iter(groups[case_id].values()))
+            raise MedsegError(f"{file}: case id '{case_id}' is also used by {other.name}; rename one of them")
+        groups[case_id][channel] = file
+    if not groups:
+        raise MedsegError(f"{path}: no .nii or .nii.gz files in this folder")
+    cases = []
+    for case_id in sorted(groups):
+        files = groups[case_id]
+        if -1 in files:
+            cases.append((case_id, (files[-1],)))
+            continue
+        for channel in range(len(files)):
+            if channel not in files:
+                raise MedsegError(f"{path / f'{case_id}_{channel:04d}'}.nii.gz: missing channel file (found "
+                                  f"{', '.join(f.name for f in files.values())}); channels are numbered _0000, "
+                                  "_0001, ... without gaps")
+        cases.append((case_id, tuple(files[c] for c in range(len(files)))))
+    counts = {len(files) for _, files in cases}
+    if len(counts) > 1:
+        by_count = {len(files): case_id for case_id, files in cases}
+        detail = ", ".join(f"'{case_id}' has {n}" for n, case_id in sorted(by_count.items()))
+        raise MedsegError(f"{path}: cases have different numbers of channel files ({detail})")
+    return cases
+
+
+# --- dataset.json ---------------------------------------------------------------------------------------------------
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise MedsegError(f"{path}: not found; a dataset folder needs a dataset.json (MSD or nnU-Net v2 format)")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise MedsegError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(data, dict):
+        raise MedsegError(f"{path}: expected a JSON object at the top level, got {type(data).__name__}")
+    return data
+
+
+def _non_negative_int(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if value >= 0 else None
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    return None
+
+
+def _parse_labels(json_path: Path, raw: Any) -> dict[int, str]:
+    if not isinstance(raw, dict) or not raw:
+        raise MedsegError(f"{json_path}: 'labels' must be a non-empty object, e.g. {{\"background\": 0, \"liver\": 1}}")
+    labels: dict[int, str] = {}
+    msd_style = all(isinstance(v, str) for v in raw.values())
+    for key, value in raw.items():
+        if msd_style:  # {"0": "background", "1": "liver"}
+            number, name, shown = _non_negative_int(key), value, key
+        else:  # {"background": 0, "liver": 1}
+            if isinstance(value, (list, tuple)):
+                raise MedsegError(f"{json_path}: label '{key}' is a region (list of values {value}); region-based "
+                                  "labels are not supported yet")
+            number, name, shown = _non_negative_int(value), key, value
+        if number is None or (not msd_style and isinstance(value, str)):
+            raise MedsegError(f"{json_path}: label {name!r} has value {shown!r}; label values must be non-negative "
+                              "integers")
+        if number in labels:
+            raise MedsegError(f"{json_path}: label value {number} is given twice ('{labels[number]}' and '{name}')")
+        labels[number] = str(name)
+    labels.setdefault(0, "background")
+    return dict(sorted(labels.items()))
+
+
+def _parse_channels(json_path: Path, data: dict) -> dict[int, str]:
+    key = "channel_names" if "channel_names" in data else "modality" if "modality" in data else None
+    if key is None:
+        raise MedsegError(f"{json_path}: missing 'channel_names' (nnU-Net v2) or 'modality' (MSD), e.g. "
+                          "{\"0\": \"CT\"}")
+    raw = data[key]
+    if not isinstance(raw, dict) or not raw:
+        raise MedsegError(f"{json_path}: '{key}' must be a non-empty object, e.g. {{\"0\": \"CT\"}}")
+    channels = {}
+    for index, name in raw.items():
+        number = _non_negative_int(index)
+        if number is None or not isinstance(name, str):
+            raise MedsegError(f"{json_path}: {key}[{index!r}] = {name!r}; expected \"<channel index>\": \"<name>\"")
+        channels[number] = name
+    if sorted(channels) != list(range(len(channels))):
+        raise MedsegError(f"{json_path}: '{key}' indices must be 0, 1, ... without gaps, got {sorted(channels)}")
+    return dict(sorted(channels.items()))
+
+
+def _dataset_file(root: Path, json_path: Path, where: str, relative: Any) -> Path:
+    """Resolves a path listed in dataset.json, refusing ones that leave the dataset folder."""
+    if not isinstance(relative, str) or not relative:
+        raise MedsegError(f"{json_path}: {where} must be a file path string, got {relative!r}")
+    if os.path.isabs(relative):
+        raise MedsegError(f"{json_path}: {where} '{relative}' is absolute; paths must be relative to the dataset "
+                          "folder")
+    # Lexical check (not resolve()), so imagesTr may be a symlink to another disk.
+    normal = os.path.normpath(relative)
+    if normal == os.pardir or normal.startswith(os.pardir + os.sep) or normal == os.curdir:
+        raise MedsegError(f"{json_path}: {where} '{relative}' points outside the dataset folder {root}")
+    path = root / normal
+    if not path.is_file():
+        raise MedsegError(f"{path}: listed in {json_path.name} as {where} but the file does not exist")
+    return path
+
+
+def _msd_cases(root: Path, json_path: Path, data: dict) -> tuple[tuple[Case, ...], tuple[Case, ...]]:
+    training = []
+    for i, entry in enumerate(data["training"]):
+        where = f"training[{i}]"
+        if not isinstance(entry, dict) or "image" not in entry:
+            raise MedsegError(f"{json_path}: {where} must be {{\"image\": ..., \"label\": ...}}, got {entry!r}")
+        image = _dataset_file(root, json_path, f"{where}.image", entry["image"])
+        if entry.get("label") is None:
+            raise MedsegError(f"{json_path}: {where} image '{entry['image']}' has no label; every training case needs "
+                              "one")
+        label = _dataset_file(root, json_path, f"{where}.label", entry["label"])
+        training.append(Case(case_id_from_filename(image.name), (image,), label))
+    test_entries = data.get("test") or []
+    if not isinstance(test_entries, list):
+        raise MedsegError(f"{json_path}: 'test' must be a list of image paths")
+    test = []
+    for i, entry in enumerate(test_entries):
+        if isinstance(entry, dict):  # some conversions write test entries like training ones
+            entry = entry.get("image")
+        image = _dataset_file(root, json_path, f"test[{i}]", entry)
+        label = root / "labelsTs" / image.name
+        test.append(Case(case_id_from_filename(image.name), (image,), label if label.is_file() else None))
+    return tuple(training), tuple(test)
+
+
+def _nnunet_cases(folder: Path, label_folder: Path, file_ending: str, n_channels: int,
+                  require_labels: bool) -> tuple[Case, ...]:
+    if not folder.is_dir():
+        return ()
+    by_case: dict[str, dict[int, Path]] = defaultdict(dict)
+    for file in sorted(folder.iterdir()):
+        if not file.name.endswith(file_ending) or file.name.startswith("."):
+            continue
+        match = _CHANNEL_SUFFIX.match(file.name[: -len(file_ending)])
+        if match is None:
+            raise MedsegError(f"{file}: image file names must end in a channel suffix like _0000{file_ending}")
+        channel = int(match["channel"])
+        if channel >= n_channels:
+            raise MedsegError(f"{file}: channel {channel} but dataset.json names only {n_channels} channel(s)")
+        by_case[match["case"]][channel] = file
+    cases = []
+    for case_id in sorted(by_case):
+        files = by_case[case_id]
+        for channel in range(n_channels):
+            if channel not in files:
+                raise MedsegError(f"{folder / f'{case_id}_{channel:04d}{file_ending}'}: missing channel file for "
+                                  f"case '{case_id}'")
+        label = label_folder / f"{case_id}{file_ending}"
+        if not label.is_file():
+            if require_labels:
+                raise MedsegError(f"{label}: missing label for training image "
+                                  f"{files[0].name}")
+            label = None
+        cases.append(Case(case_id, tuple(files[c] for c in range(n_channels)), label))
+    return tuple(cases)
+
+
+def _check_unique(json_path: Path, cases: tuple[Case, ...], split: str) -> None:
+    seen: dict[str, Case] = {}
+    for case in cases:
+        if case.case_id in seen:
+            raise MedsegError(f"{json_path}: duplicate case id '{case.case_id}' in {split} "
+                              f"({seen[case.case_id].image_paths[0]} and {case.image_paths[0]})")
+        seen[case.case_id] = case
+
+
+def load_dataset(root: str | os.PathLike) -> DatasetSpec:
+    """Reads an MSD or nnU-Net v2 raw dataset folder; every user mistake is a one-line MedsegError."""
+    root = Path(root)
+    if not root.is_dir():
+        raise MedsegError(f"{root}: dataset folder not found")
+    json_path = root / "dataset.json"
+    data = _read_json(json_path)
+    if "labels" not in data:
+        raise MedsegError(f"{json_path}: missing 'labels', e.g. {{\"background\": 0, \"liver\": 1}}")
+    labels = _parse_labels(json_path, data["labels"])
+    channel_names = _parse_channels(json_path, data)
+    name = data.get("name") or root.name
+    if not isinstance(name, str):
+        name = str(name)
+
+    is_msd = isinstance(data.get("training"), list)
+    if is_msd:
+        file_ending = data.get("file_ending", ".nii.gz")
+    else:
+        file_ending = data.get("file_ending")
+        if file_ending is None:
+            raise MedsegError(f"{json_path}: missing 'file_ending' (nnU-Net v2), e.g. \".nii.gz\"")
+    if file_ending not in NIFTI_ENDINGS:
+        raise MedsegError(f"{json_path}: file_ending {file_ending!r} is not supported (only .nii.gz and .nii)")
+
+    if is_msd:
+        training, test = _msd_cases(root, json_path, data)
+    else:
+        if "dataset" in data:
+            raise MedsegError(f"{json_path}: the nnU-Net 'dataset' key (explicit file lists) is not supported yet; "
+                              "put the files in imagesTr / labelsTr")
+        n_channels = len(channel_names)
+        training = _nnunet_cases(root / "imagesTr", root / "labelsTr", file_ending, n_channels, require_labels=True)
+        test = _nnunet_cases(root / "imagesTs", root / "labelsTs", file_ending, n_channels, require_labels=False)
+        expected = data.get("numTraining")
+        if expected is not None and expected != len(training):
+            raise MedsegError(f"{json_path}: numTraining is {expected} but {root / 'imagesTr'} holds {len(training)} "
+                              "cases")
+    if not training:
+        raise MedsegError(f"{json_path}: no training cases found (looked in "
+                          f"{'the training list' if is_msd else root / 'imagesTr'})")
+    _check_unique(json_path, training, "training")
+    _check_unique(json_path, test, "test")
+    return DatasetSpec(root=root, name=name, channel_names=channel_names, labels=labels, training=training, test=test,
+                       file_ending=file_ending)

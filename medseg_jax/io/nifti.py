@@ -1,0 +1,349 @@
+"""NIfTI reading and writing that keeps each scan's geometry.
+
+The model sees every volume in one voxel order: nibabel's closest canonical (RAS+) orientation, reached by permuting
+and flipping axes only. Nothing is resampled, so an oblique scan keeps its voxels and its affine simply becomes the
+permuted affine. A `Geometry` records how to undo this, and `write_label` / `write_image` put predictions back in the
+input file's own shape, voxel order, affine and sform/qform header fields, so they overlay the scan in 3D Slicer or
+ITK-SNAP without any fix-up.
+
+Arrays are channels-last: images `(X, Y, Z, C)`, labels `(X, Y, Z)`, both in canonical order.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import nibabel as nib
+import numpy as np
+from nibabel import orientations
+
+from medseg_jax.errors import MedsegError
+from medseg_jax.fileio import atomic_path
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+_CANONICAL_ORNT = np.array([[0.0, 1.0], [1.0, 1.0], [2.0, 1.0]])
+# Header fields that place the voxels in space; copied verbatim so the written file has the input's exact sform,
+# qform, codes and voxel sizes (recomputing the qform quaternion from a matrix changes the last float32 bits).
+_SPATIAL_FIELDS = ("qform_code", "sform_code", "quatern_b", "quatern_c", "quatern_d", "qoffset_x", "qoffset_y",
+                   "qoffset_z", "srow_x", "srow_y", "srow_z", "xyzt_units")
+_MAX_ERROR_DETAIL = 200
+
+
+@dataclass(frozen=True, eq=False)
+class Geometry:
+    """Where a volume's voxels sit in space, and how its file voxel order maps to the canonical one."""
+
+    affine: np.ndarray  # 4x4 affine of the file (float64), the one nibabel reports (sform, else qform, else pixdims)
+    shape: tuple[int, int, int]  # spatial shape in the file's voxel order
+    to_canonical: np.ndarray  # nibabel ornt array: file voxel order -> canonical
+    spacing: tuple[float, float, float]  # mm per voxel, canonical axis order
+    canonical_affine: np.ndarray  # affine of the canonical-order array
+    # The input's NIfTI spatial header fields (sform/qform/codes/pixdim[0:4]/units), or None when the geometry did not
+    # come from a NIfTI file; writers then store the affine as both sform and qform with code 1 (scanner).
+    spatial_header: dict[str, Any] | None = field(default=None)
+
+    def canonical_shape(self) -> tuple[int, int, int]:
+        shape = [0, 0, 0]
+        for file_axis, (canonical_axis, _) in enumerate(self.to_canonical):
+            shape[int(canonical_axis)] = self.shape[file_axis]
+        return tuple(shape)
+
+    def from_canonical_ornt(self) -> np.ndarray:
+        """The ornt array taking canonical voxel order back to the file's."""
+        return orientations.ornt_transform(_CANONICAL_ORNT, self.to_canonical)
+
+    def to_dict(self) -> dict:
+        return {
+            "affine": self.affine.tolist(),
+            "shape": list(self.shape),
+            "to_canonical": self.to_canonical.tolist(),
+            "spacing": list(self.spacing),
+            "canonical_affine": self.canonical_affine.tolist(),
+            "spatial_header": None if self.spatial_header is None else dict(self.spatial_header),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Geometry":
+        header = d.get("spatial_header")
+        return cls(
+            affine=np.asarray(d["affine"], dtype=np.float64),
+            shape=tuple(int(s) for s in d["shape"]),
+            to_canonical=np.asarray(d["to_canonical"], dtype=np.float64),
+            spacing=tuple(float(s) for s in d["spacing"]),
+            canonical_affine=np.asarray(d["canonical_affine"], dtype=np.float64),
+            spatial_header=None if header is None else dict(header),
+        )
+
+    @classmethod
+    def from_affine(cls, affine: np.ndarray, shape: Sequence[int], spatial_header: dict | None = None,
+                    source: str | os.PathLike = "<affine>") -> "Geometry":
+        """Builds the geometry of a volume of `shape` (file order) with `affine`; MedsegError names `source`."""
+        affine = np.asarray(affine, dtype=np.float64)
+        shape = tuple(int(s) for s in shape)
+        if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
+            raise MedsegError(f"{source}: affine is not a finite 4x4 matrix")
+        linear = affine[:3, :3]
+        voxel_sizes = np.linalg.norm(linear, axis=0)
+        if not np.all(voxel_sizes > 0):
+            raise MedsegError(f"{source}: zero voxel spacing {tuple(float(v) for v in voxel_sizes)} in the affine; "
+                              "fix the header (pixdim / sform / qform)")
+        # Relative to the voxel volume, so a small but valid voxel size does not look singular.
+        if abs(np.linalg.det(linear)) <= 1e-6 * float(np.prod(voxel_sizes)):
+            raise MedsegError(f"{source}: singular affine (voxel axes are parallel); fix the header sform / qform")
+        ornt = orientations.io_orientation(affine)
+        if np.any(np.isnan(ornt)):
+            raise MedsegError(f"{source}: affine has no usable orientation; fix the header sform / qform")
+        canonical_affine = affine @ orientations.inv_ornt_aff(ornt, shape)
+        spacing = tuple(float(v) for v in np.linalg.norm(canonical_affine[:3, :3], axis=0))
+        return cls(affine=affine, shape=shape, to_canonical=ornt, spacing=spacing, canonical_affine=canonical_affine,
+                   spatial_header=None if spatial_header is None else dict(spatial_header))
+
+
+def _spatial_header_fields(header) -> dict[str, Any] | None:
+    """The fields of a NIfTI header that place voxels in space, as JSON-friendly Python values."""
+    if not isinstance(header, nib.Nifti1Header):  # Nifti2Header subclasses Nifti1Header
+        return None
+    fields = {}
+    for name in _SPATIAL_FIELDS:
+        value = header[name]
+        fields[name] = value.tolist() if np.ndim(value) else value.item()
+    fields["pixdim"] = [float(v) for v in header["pixdim"][:4]]
+    return fields
+
+
+def _short(error: BaseException) -> str:
+    text = " ".join(str(error).split()) or "no details"
+    if len(text) > _MAX_ERROR_DETAIL:
+        text = text[:_MAX_ERROR_DETAIL] + "..."
+    return f"{type(error).__name__}: {text}"
+
+
+def _check_readable_path(path: Path) -> None:
+    if not path.exists():
+        raise MedsegError(f"{path}: file not found")
+    if path.is_dir():
+        raise MedsegError(f"{path}: is a folder, expected a .nii or .nii.gz file")
+
+
+def _check_raw_pixdims(path: Path, img) -> None:
+    """Refuses zero or negative voxel sizes where the affine is built from pixdim (no sform).
+
+    nibabel's loader silently "fixes" such headers (0 -> 1 mm, negative -> absolute value) and only logs a warning,
+    which would give the scan a made-up geometry; the header as stored is read again to see them.
+    """
+    if not isinstance(img.header, nib.Nifti1Header) or img.header["sform_code"] != 0:
+        return
+    try:
+        holder = img.file_map.get("header") or img.file_map["image"]  # single-file .nii keeps both in "image"
+        with holder.get_prepare_fileobj(mode="rb") as fileobj:
+            raw = type(img.header).from_fileobj(fileobj, check=False)
+    except Exception as error:
+        raise MedsegError(f"{path}: cannot read the NIfTI header ({_short(error)})") from None
+    pixdims = [float(v) for v in raw["pixdim"][1:4]]
+    if not all(np.isfinite(v) and v > 0 for v in pixdims):
+        raise MedsegError(f"{path}: voxel spacing (pixdim) {tuple(pixdims)} must be positive; fix the header")
+
+
+def _load(path: str | os.PathLike) -> tuple[np.ndarray, Geometry]:
+    """Reads the whole file (nibabel is lazy, so the data read happens here too) in the file's voxel order."""
+    path = Path(path)
+    _check_readable_path(path)
+    try:
+        img = nib.load(path, mmap=False)
+        if not isinstance(img, nib.spatialimages.SpatialImage):
+            raise MedsegError(f"{path}: not a volume image ({type(img).__name__})")
+        data = np.asanyarray(img.dataobj)
+        affine = img.affine
+    except MedsegError:
+        raise
+    except Exception as error:  # nibabel, gzip, zlib and EOF errors all mean the same thing to the user
+        raise MedsegError(f"{path}: cannot read as NIfTI ({_short(error)}); is the file complete and a valid "
+                          ".nii/.nii.gz?") from None
+    data = np.asarray(data)
+    if data.dtype.kind not in "biuf":
+        raise MedsegError(f"{path}: unsupported voxel type {data.dtype} (expected integer or float scalars)")
+    # ITK writes multi-component volumes as (X, Y, Z, 1, C): NIfTI's 5th dimension is the vector axis.
+    if data.ndim == 5 and data.shape[3] == 1:
+        data = data[:, :, :, 0, :]
+    if data.ndim not in (3, 4):
+        raise MedsegError(f"{path}: expected a 3D or 4D image, got {data.ndim}D with shape {data.shape}")
+    if affine is None:
+        raise MedsegError(f"{path}: no affine in the header")
+    _check_raw_pixdims(path, img)
+    geometry = Geometry.from_affine(affine, data.shape[:3], _spatial_header_fields(img.header), source=path)
+    return data, geometry
+
+
+def to_canonical(array: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """File voxel order -> canonical; any trailing axes after the three spatial ones (channels) ride along."""
+    array = np.asarray(array)
+    if tuple(array.shape[:3]) != tuple(geometry.shape):
+        raise ValueError(f"array shape {array.shape} does not start with the file shape {geometry.shape}")
+    return np.ascontiguousarray(orientations.apply_orientation(array, geometry.to_canonical))
+
+
+def from_canonical(array: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """Canonical voxel order -> the file's; trailing axes ride along."""
+    array = np.asarray(array)
+    if tuple(array.shape[:3]) != geometry.canonical_shape():
+        raise ValueError(f"array shape {array.shape} does not start with the canonical shape "
+                         f"{geometry.canonical_shape()}")
+    return np.ascontiguousarray(orientations.apply_orientation(array, geometry.from_canonical_ornt()))
+
+
+def read_image(path: str | os.PathLike, dtype=np.float32) -> tuple[np.ndarray, Geometry]:
+    """Returns the `(X, Y, Z, C)` canonical array (C=1 for a 3D file) and its geometry."""
+    data, geometry = _load(path)
+    data = data.astype(dtype, copy=False)
+    if data.dtype.kind == "f" and not np.all(np.isfinite(data)):
+        bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
+        raise MedsegError(f"{path}: {bad} voxels are NaN or infinite; fix or replace them before training")
+    if data.ndim == 3:
+        data = data[..., None]
+    return to_canonical(data, geometry), geometry
+
+
+def read_images(paths: Sequence[str | os.PathLike], dtype=np.float32) -> tuple[np.ndarray, Geometry]:
+    """Reads one case's channel files (nnU-Net's _0000, _0001, ...) and stacks them as channels, in the given order.
+
+    Every file must have the first file's shape and affine (within 1e-3); the geometry is the first file's.
+    """
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise MedsegError("no image files given for this case")
+    arrays, first_geometry = [], None
+    for path in paths:
+        array, geometry = read_image(path, dtype=dtype)
+        if first_geometry is None:
+            first_geometry = geometry
+        else:
+            if geometry.shape != first_geometry.shape:
+                raise MedsegError(f"{path}: shape {geometry.shape} differs from the case's first channel {paths[0]} "
+                                  f"{first_geometry.shape}")
+            if not np.allclose(geometry.affine, first_geometry.affine, rtol=0, atol=1e-3):
+                diff = float(np.max(np.abs(geometry.affine - first_geometry.affine)))
+                raise MedsegError(f"{path}: affine differs from the case's first channel {paths[0]} (max difference "
+                                  f"{diff:.4g}); resample the channels onto one grid")
+        arrays.append(array)
+    return np.concatenate(arrays, axis=-1) if len(arrays) > 1 else arrays[0], first_geometry
+
+
+def read_label(path: str | os.PathLike) -> tuple[np.ndarray, Geometry]:
+    """Returns the `(X, Y, Z)` canonical integer label map (int16, or int32 beyond 32767) and its geometry."""
+    data, geometry = _load(path)
+    if data.ndim == 4:
+        if data.shape[3] != 1:
+            raise MedsegError(f"{path}: a label map must be 3D, got shape {data.shape}")
+        data = data[..., 0]
+    if data.dtype.kind == "f":
+        if not np.all(np.isfinite(data)):
+            raise MedsegError(f"{path}: label map contains NaN or infinite values")
+        if not np.array_equal(data, np.round(data)):
+            example = float(data[data != np.round(data)].flat[0])
+            raise MedsegError(f"{path}: label map has non-integer values (e.g. {example}); labels must be whole "
+                              "numbers 0, 1, 2, ...")
+    if data.size:
+        low, high = data.min(), data.max()
+        if low < 0:
+            raise MedsegError(f"{path}: label map has negative values (min {low}); labels must be 0, 1, 2, ...")
+        if high > np.iinfo(np.int32).max:
+            raise MedsegError(f"{path}: label value {high} is too large")
+        out_dtype = np.int16 if high <= np.iinfo(np.int16).max else np.int32
+    else:
+        out_dtype = np.int16
+    return to_canonical(data.astype(out_dtype, copy=False), geometry), geometry
+
+
+def check_same_grid(image_geom: Geometry, label_geom: Geometry, image_path, label_path, atol: float = 1e-3) -> None:
+    """Raises MedsegError unless the label's canonical voxels coincide with the image's.
+
+    The comparison is in canonical order, so a label stored in another voxel order (say RAS for an LPS scan) that
+    covers the same voxels is accepted.
+    """
+    if label_geom.canonical_shape() != image_geom.canonical_shape():
+        if sorted(label_geom.shape) != sorted(image_geom.shape):
+            raise MedsegError(f"{label_path}: shape {label_geom.shape} differs from its image {image_path} "
+                              f"{image_geom.shape}")
+        raise MedsegError(f"{label_path}: voxel axes (shape {label_geom.shape}, affine orientation) differ from its "
+                          f"image {image_path} (shape {image_geom.shape}); the label is not on the image's grid")
+    if not np.allclose(label_geom.canonical_affine, image_geom.canonical_affine, rtol=0, atol=atol):
+        diff = float(np.max(np.abs(label_geom.canonical_affine - image_geom.canonical_affine)))
+        raise MedsegError(f"{label_path}: affine differs from its image {image_path} (max difference {diff:.4g}, "
+                          f"tolerance {atol}); resample the label onto the image grid")
+
+
+def _nifti_suffix(path: Path) -> str:
+    for suffix in NIFTI_SUFFIXES:
+        if path.name.endswith(suffix) and len(path.name) > len(suffix):
+            return suffix
+    raise MedsegError(f"{path}: output file name must end with .nii.gz or .nii")
+
+
+def _header_for(geometry: Geometry, reference_header=None) -> nib.Nifti1Header:
+    header = nib.Nifti1Header()
+    fields = _spatial_header_fields(reference_header) if reference_header is not None else geometry.spatial_header
+    if fields is None:
+        header.set_sform(geometry.affine, code=1)
+        header.set_qform(geometry.affine, code=1)
+        header.set_xyzt_units("mm")
+        return header
+    for name in _SPATIAL_FIELDS:
+        header[name] = fields[name]
+    header["pixdim"][:4] = fields["pixdim"]
+    return header
+
+
+def _write(path, file_order: np.ndarray, geometry: Geometry, dtype, reference_header=None) -> None:
+    path = Path(path)
+    suffix = _nifti_suffix(path)
+    header = _header_for(geometry, reference_header)
+    header.set_data_shape(file_order.shape)
+    header.set_data_dtype(dtype)
+    # The affine is passed only to check that the header carries it; nibabel would reset the sform/qform codes if the
+    # affine given to the constructor disagreed with the header, so we refuse that instead.
+    img = nib.Nifti1Image(file_order.astype(dtype, copy=False), None, header=header)
+    written = img.header.get_best_affine()
+    if not np.allclose(written, geometry.affine, rtol=0, atol=1e-3):
+        raise ValueError(f"reference header's affine {written.tolist()} does not match the geometry's "
+                         f"{geometry.affine.tolist()}")
+    with atomic_path(path, suffix=suffix) as tmp:
+        nib.save(img, tmp)
+
+
+def write_label(path: str | os.PathLike, canonical_label: np.ndarray, geometry: Geometry,
+                reference_header=None) -> None:
+    """Writes a canonical `(X, Y, Z)` label map in the file's original voxel order, affine and header geometry.
+
+    Stored as uint8, or int16 / int32 when values exceed 255 / 32767. `reference_header` (a nibabel NIfTI header, e.g.
+    the scan's own) overrides the spatial fields recorded in `geometry`; its affine must match the geometry's.
+    """
+    label = np.asarray(canonical_label)
+    if label.ndim == 4 and label.shape[3] == 1:
+        label = label[..., 0]
+    if label.ndim != 3:
+        raise ValueError(f"label map must be 3D, got shape {label.shape}")
+    if label.dtype.kind not in "biu":
+        raise ValueError(f"label map must have an integer dtype, got {label.dtype}")
+    high = int(label.max()) if label.size else 0
+    if label.size and int(label.min()) < 0:
+        raise ValueError(f"label map has negative values (min {int(label.min())})")
+    dtype = np.uint8 if high <= 255 else np.int16 if high <= 32767 else np.int32
+    _write(path, from_canonical(label, geometry), geometry, dtype, reference_header)
+
+
+def write_image(path: str | os.PathLike, canonical_image: np.ndarray, geometry: Geometry,
+                reference_header=None) -> None:
+    """Writes a canonical `(X, Y, Z)` or `(X, Y, Z, C)` float32 volume in the file's original geometry.
+
+    A single channel `(X, Y, Z, 1)` is written as a 3D file, C > 1 as a 4D one.
+    """
+    image = np.asarray(canonical_image)
+    if image.ndim == 4 and image.shape[3] == 1:
+        image = image[..., 0]
+    if image.ndim not in (3, 4):
+        raise ValueError(f"image must be (X, Y, Z) or (X, Y, Z, C), got shape {image.shape}")
+    _write(path, from_canonical(image, geometry), geometry, np.float32, reference_header)

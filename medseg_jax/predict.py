@@ -1,0 +1,99 @@
+"""Files in, files out: a trained run directory + scans -> label maps in each scan's own geometry.
+
+Each input is brought to canonical orientation, normalised and resampled exactly as in training (the run's plans.json),
+segmented by Gaussian-weighted sliding-window inference, resampled back to its canonical grid (logits, linear), and
+written with the input's shape, affine and voxel order under the input's file name.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from medseg_jax import runs
+from medseg_jax.data import preprocess
+from medseg_jax.errors import MedsegError
+from medseg_jax.infer.sliding_window import sliding_window_inference
+from medseg_jax.io import layout, nifti
+
+
+def output_name(case_id: str, paths) -> str:
+    if len(paths) == 1:
+        return Path(paths[0]).name
+    name = Path(paths[0]).name
+    ending = ".nii.gz" if name.endswith(".nii.gz") else ".nii"
+    return case_id + ending
+
+
+class Predictor:
+    """A loaded run: `predict_array(image, spacing)` and `predict_file(paths, output)`."""
+
+    def __init__(self, run_dir: str | Path, checkpoint: str = "best"):
+        from medseg_jax.parallel import mesh as mesh_lib
+        from medseg_jax.train.step import make_forward
+
+        self.config, self.plans, self.model, self.params = runs.open_for_prediction(run_dir, checkpoint)
+        self.mesh = mesh_lib.make_mesh(self.config.mesh.data)
+        mesh_lib.check_batch_divisible(self.config.infer.batch_size, self.mesh, key="infer.batch_size")
+        self.forward = make_forward(self.model, self.mesh)
+        self.num_classes = len(self.plans["labels"])
+
+    def logits(self, image: np.ndarray, spacing) -> np.ndarray:
+        """Canonical image (X, Y, Z, C) -> logits on the preprocessed grid."""
+        volume, _ = preprocess.preprocess_case(image, spacing, self.plans)
+        return sliding_window_inference(lambda windows: self.forward(self.params, windows), volume,
+                                        tuple(self.config.train.patch_size), self.num_classes,
+                                        overlap=self.config.infer.overlap, batch_size=self.config.infer.batch_size)
+
+    def predict_array(self, image: np.ndarray, spacing) -> np.ndarray:
+        """Canonical image (X, Y, Z, C) -> canonical label map (X, Y, Z) on the same grid."""
+        return preprocess.logits_to_original(self.logits(image, spacing), image.shape[:3]).astype(np.uint8)
+
+    def predict_file(self, paths, output: Path) -> None:
+        image, geometry = nifti.read_images(paths)
+        if image.shape[-1] != len(self.plans["normalization"]):
+            raise MedsegError(f"{paths[0]}: {image.shape[-1]} channels, the model was trained on "
+                              f"{len(self.plans['normalization'])}")
+        nifti.write_label(output, self.predict_array(image, geometry.spacing), geometry)
+
+
+def check_inputs(inputs) -> list[tuple[str, tuple, str]]:
+    """Reads every input once; returns the problems as (case_id, paths, message)."""
+    problems = []
+    for case_id, paths in inputs:
+        try:
+            nifti.read_images(paths)
+        except MedsegError as exc:
+            problems.append((case_id, paths, str(exc)))
+    return problems
+
+
+def predict(run_dir, input_path, output_dir, *, overwrite: bool = False, skip_bad: bool = False,
+            checkpoint: str = "best") -> dict:
+    """Predicts every scan under `input_path` into `output_dir`. Returns {"written": [...], "failed": [...]}.
+
+    Before writing anything: all inputs are read and checked, and existing outputs are refused unless `overwrite`.
+    With `skip_bad`, bad inputs are reported and the good ones predicted.
+    """
+    inputs = layout.list_nifti_inputs(input_path)
+    output_dir = Path(output_dir)
+    targets = {case_id: output_dir / output_name(case_id, paths) for case_id, paths in inputs}
+    existing = [str(p) for p in targets.values() if p.exists()]
+    if existing and not overwrite:
+        raise MedsegError(f"{existing[0]}: already exists ({len(existing)} outputs would be overwritten); "
+                          "pass --overwrite or choose another --output")
+    predictor = Predictor(run_dir, checkpoint)
+    problems = check_inputs(inputs)
+    if problems and not skip_bad:
+        more = f" (and {len(problems) - 1} more bad inputs)" if len(problems) > 1 else ""
+        raise MedsegError(f"{problems[0][2]}{more}; nothing written; pass --skip-bad to predict the good inputs")
+    bad = {case_id for case_id, _, _ in problems}
+    written = []
+    for case_id, paths in tqdm(inputs, desc="predicting", unit="case"):
+        if case_id in bad:
+            continue
+        predictor.predict_file(paths, targets[case_id])
+        written.append(str(targets[case_id]))
+    return {"written": written, "failed": [{"case": c, "problem": m} for c, _, m in problems]}

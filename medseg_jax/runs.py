@@ -1,0 +1,110 @@
+"""A run directory: the resolved config, the preprocessing plan, orbax checkpoints and logs.
+
+    RUN/config.json              the resolved experiment config (enough to reproduce the run)
+    RUN/plans.json               preprocessing plan (target spacing, normalisation, labels)
+    RUN/checkpoints/latest/      orbax CheckpointManager keeping the most recent state (for --resume)
+    RUN/checkpoints/best/        orbax CheckpointManager keeping the state with the best validation Dice
+    RUN/metrics.jsonl            one JSON object per logged step / validation
+    RUN/tensorboard/             TensorBoard events
+    RUN/training_curve.png       loss and validation Dice against step
+    RUN/train_summary.json       seconds, device, best validation Dice
+
+Training writes it; prediction opens it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from medseg_jax import config as config_lib
+from medseg_jax import fileio
+from medseg_jax.errors import MedsegError
+
+
+class RunDir:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    config_path = property(lambda self: self.path / "config.json")
+    plans_path = property(lambda self: self.path / "plans.json")
+    metrics_path = property(lambda self: self.path / "metrics.jsonl")
+    tensorboard_dir = property(lambda self: self.path / "tensorboard")
+    curve_path = property(lambda self: self.path / "training_curve.png")
+    summary_path = property(lambda self: self.path / "train_summary.json")
+    latest_dir = property(lambda self: self.path / "checkpoints" / "latest")
+    best_dir = property(lambda self: self.path / "checkpoints" / "best")
+
+    def has_checkpoint(self) -> bool:
+        return any(self.latest_dir.glob("[0-9]*")) if self.latest_dir.is_dir() else False
+
+    # --- config and plan -------------------------------------------------------------------------------------------
+    def save_config(self, config: ml_collections.ConfigDict) -> None:
+        fileio.write_json(self.config_path, config_lib.to_plain(config))
+
+    def load_config(self) -> ml_collections.ConfigDict:
+        return config_lib.from_plain(self._read_json(self.config_path))
+
+    def save_plans(self, plans: dict) -> None:
+        fileio.write_json(self.plans_path, plans)
+
+    def load_plans(self) -> dict:
+        return self._read_json(self.plans_path)
+
+    def _read_json(self, path: Path) -> dict:
+        if not path.is_file():
+            raise MedsegError(f"{path}: not found; is {self.path} a run directory made by `medseg train`?")
+        try:
+            return json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise MedsegError(f"{path}: not valid JSON ({exc})") from None
+
+    # --- checkpoints -------------------------------------------------------------------------------------------------
+    def checkpoint_managers(self) -> tuple[ocp.CheckpointManager, ocp.CheckpointManager]:
+        latest = ocp.CheckpointManager(self.latest_dir.absolute(), options=ocp.CheckpointManagerOptions(
+            max_to_keep=1, create=True, enable_async_checkpointing=False))
+        best = ocp.CheckpointManager(self.best_dir.absolute(), options=ocp.CheckpointManagerOptions(
+            max_to_keep=1, create=True, best_fn=lambda metrics: metrics["val_dice"], best_mode="max",
+            keep_checkpoints_without_metrics=False, enable_async_checkpointing=False))
+        return latest, best
+
+    def read_metrics(self) -> list[dict]:
+        if not self.metrics_path.is_file():
+            return []
+        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+
+
+def restore_into(manager: ocp.CheckpointManager, step: int, template):
+    """Restores checkpoint `step` with the structure, dtypes and shardings of `template` (a pytree of arrays)."""
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+    restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    # orbax hands back plain containers (tuples for optax's namedtuples): rebuild the template's tree structure.
+    leaves = jax.tree.leaves(restored)
+    return jax.tree.unflatten(jax.tree.structure(template), leaves)
+
+
+def open_for_prediction(path: str | Path, checkpoint: str = "best"):
+    """Loads (config, plans, model, params) of a trained run; `checkpoint` is "best" or "latest"."""
+    from medseg_jax.models.registry import build_model  # models sit below runs in the house; imported lazily
+
+    run = RunDir(path)
+    if not run.path.is_dir():
+        raise MedsegError(f"{run.path}: run directory not found")
+    config, plans = run.load_config(), run.load_plans()
+    num_classes = len(plans["labels"])
+    model = build_model(config.model, num_classes=num_classes)
+    latest, best = run.checkpoint_managers()
+    manager = best if checkpoint == "best" and best.latest_step() is not None else latest
+    step = manager.best_step() if manager is best else manager.latest_step()
+    if step is None:
+        raise MedsegError(f"{run.path}: no checkpoint found; train first with `medseg train --workdir {run.path}`")
+    # Restoring without a target gives the saved tree as it was written (nested dicts of arrays): prediction needs
+    # only the params, and needs no optimizer to rebuild the full state's structure.
+    restored = manager.restore(step, args=ocp.args.StandardRestore())
+    params = jax.tree.map(np.asarray, restored["params"])
+    return config, plans, model, params

@@ -1,0 +1,81 @@
+"""Shared fixtures: a tiny labelled dataset in Decathlon layout and a tiny experiment config (seconds on 2 cores)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import nibabel as nib  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def oblique_lps_affine(spacing=(2.0, 2.0, 3.0), degrees=12.0, origin=(10.0, -20.0, 5.0)) -> np.ndarray:
+    """An LPS-ordered grid rotated by `degrees` about an oblique axis."""
+    axis = np.array([1.0, 2.0, 3.0]) / np.linalg.norm([1.0, 2.0, 3.0])
+    theta = np.deg2rad(degrees)
+    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    rotation = np.eye(3) + np.sin(theta) * k + (1 - np.cos(theta)) * k @ k
+    affine = np.eye(4)
+    affine[:3, :3] = rotation @ np.diag([-1.0, -1.0, 1.0]) @ np.diag(spacing)
+    affine[:3, 3] = origin
+    return affine
+
+
+def make_tiny_case(seed: int, shape=(24, 20, 14)):
+    """A noisy volume with a large bright ellipsoid (label 1) and a small dim sphere beside it (label 2)."""
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1).astype(np.float32)
+    center = np.array(shape) / 2 + rng.uniform(-2, 2, 3)
+    big = (((grid - center) / np.array([6.0, 5.0, 3.5])) ** 2).sum(-1) < 1
+    small_center = center + np.array([7.0, 0.0, 0.0]) * rng.choice([-1, 1])
+    small = (((grid - small_center) / 3.0) ** 2).sum(-1) < 1
+    label = np.zeros(shape, np.uint8)
+    label[big] = 1
+    label[small & ~big] = 2
+    image = 100.0 * big + 60.0 * (small & ~big) + rng.normal(0, 15.0, shape)
+    return image.astype(np.float32), label
+
+
+def write_tiny_dataset(root: Path, num_train: int = 6, num_test: int = 2, oblique_test: bool = True) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
+        (root / sub).mkdir(exist_ok=True)
+    training, test = [], []
+    for i in range(num_train + num_test):
+        image, label = make_tiny_case(i)
+        is_test = i >= num_train
+        affine = oblique_lps_affine() if (is_test and oblique_test) else np.diag([2.0, 2.0, 3.0, 1.0])
+        name = f"tiny_{i:03d}.nii.gz"
+        img_dir, lab_dir = ("imagesTs", "labelsTs") if is_test else ("imagesTr", "labelsTr")
+        nib.save(nib.Nifti1Image(image, affine), root / img_dir / name)
+        nib.save(nib.Nifti1Image(label, affine), root / lab_dir / name)
+        if is_test:
+            test.append(f"./imagesTs/{name}")
+        else:
+            training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
+    (root / "dataset.json").write_text(json.dumps({
+        "name": "Tiny", "modality": {"0": "CT"}, "labels": {"0": "background", "1": "big", "2": "small"},
+        "numTraining": num_train, "training": training, "test": test, "file_ending": ".nii.gz"}))
+    return root
+
+
+def tiny_config(dataset: Path | str = "", steps: int = 6):
+    from medseg_jax.config import load_config
+
+    return load_config(REPO / "experiments" / "demo.py", [
+        f"--config.data.dataset={dataset}", "--config.data.val_cases=1",
+        "--config.model.features=(4,8)", "--config.train.patch_size=(16,16,8)", f"--config.train.steps={steps}",
+        "--config.train.log_every=1", f"--config.train.val_every={steps}", "--config.train.checkpoint_every=2",
+        "--config.train.warmup_steps=1", "--config.train.learning_rate=0.02", "--config.data.target_spacing=(2,2,3)",
+    ])
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    return write_tiny_dataset(tmp_path_factory.mktemp("tiny") / "dataset")
