@@ -68,8 +68,7 @@ def generate_case(modality: str, seed: int) -> tuple[np.ndarray, np.ndarray, np.
     to RAS+ world millimetres.
     """
     _check_modality(modality)
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise MedsegError(f"phantom seed must be a non-negative integer, got {seed!r}")
+    _check_integer("phantom seed", seed, minimum=0)
     anatomy_seed, storage_seed = np.random.SeedSequence(int(seed)).spawn(2)
     anatomy_rng = np.random.default_rng(anatomy_seed)
     builders = {"ct": _build_ct, "mri": _build_mri, "us": _build_us}
@@ -96,11 +95,9 @@ def write_demo_dataset(out_dir, modality: str = "ct", num_train: int = 20, num_t
     numbering after the training cases and come with labels (labelsTs) for evaluation.
     """
     _check_modality(modality)
-    for name, value, minimum in (("num_train", num_train, 1), ("num_test", num_test, 0)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-            raise MedsegError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise MedsegError(f"seed must be a non-negative integer, got {seed!r}")
+    _check_integer("num_train", num_train, minimum=1)
+    _check_integer("num_test", num_test, minimum=0)
+    _check_integer("seed", seed, minimum=0)
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise MedsegError(f"{out_dir} exists and is not a folder; writing the demo dataset there would overwrite it. "
@@ -131,7 +128,6 @@ def write_demo_dataset(out_dir, modality: str = "ct", num_train: int = 20, num_t
             "description": f"Synthetic {_DESCRIPTIONS[modality]} phantoms made by medseg-jax "
                            f"(medseg_jax.data.phantoms, seed {int(seed)}); not patient data.",
             "reference": "medseg_jax.data.phantoms",
-            "licence": "CC0",
             "tensorImageSize": "3D",
             "modality": {"0": channel},
             "channel_names": {"0": channel},
@@ -186,7 +182,7 @@ def _smooth_noise(rng, grid: _Grid, correlation_mm: float) -> np.ndarray:
     """A smooth Gaussian random field with unit variance and features about `correlation_mm` across.
 
     Random coefficients on a coarse lattice are spread by separable Gaussian kernels: three small matrix products
-    instead of a full-volume filter, and the same field whatever the voxel spacing.
+    instead of a full-volume filter, and features keep their size in millimetres whatever the voxel spacing.
     """
     kernels = []
     for coords in grid.axes:
@@ -270,6 +266,12 @@ class _Canvas:
         self.label[mask] = label
 
 
+def _rim(mask: np.ndarray) -> np.ndarray:
+    """The voxels just outside `mask`: painted with fat first, they keep an organ's outline visible, as the fat
+    planes between abdominal organs do."""
+    return ndimage.binary_dilation(mask) & ~mask
+
+
 def _correlated_noise(rng, shape, sigma_voxels: float) -> np.ndarray:
     """Unit-variance Gaussian noise with a little spatial correlation, as reconstructed scanner noise has."""
     noise = ndimage.gaussian_filter(rng.standard_normal(shape, dtype=np.float32), sigma_voxels)
@@ -301,7 +303,7 @@ def _build_ct(rng):
     body = cross_section(0.0) < 1
     inside_fat = cross_section(fat_thickness) < 1
     inside_wall = cross_section(fat_thickness + wall_thickness) < 1
-    cavity = cross_section(fat_thickness + wall_thickness + 3.0) < 1
+    cavity = cross_section(fat_thickness + wall_thickness + rng.uniform(5.0, 9.0)) < 1  # properitoneal fat
     muscle_hu = rng.uniform(45.0, 60.0)
     fat_hu = rng.uniform(-110.0, -85.0)
 
@@ -382,6 +384,8 @@ def _build_ct(rng):
                                 liver_radii, exponent=2.4)
     liver = (liver_r < 1) & cavity
     liver_hu = rng.uniform(55.0, 65.0)
+    visceral_fat = fat_hu + 10.0 + 12.0 * texture
+    canvas.paint(_rim(liver) & cavity, visceral_fat)
     canvas.paint(liver, liver_hu + 4.0 * texture, label=1)
     h1, h2 = _smooth_noise(rng, grid, 35.0), _smooth_noise(rng, grid, 35.0)
     hepatic_vessels = liver & (liver_r < 0.9) & (np.sqrt(h1 ** 2 + h2 ** 2) < rng.uniform(0.10, 0.14))
@@ -389,14 +393,16 @@ def _build_ct(rng):
 
     # Lung bases above the diaphragm (the right dome sits on the liver), with small vessels; unlabelled.
     diaphragm_gap = rng.uniform(4.0, 8.0)
+    mediastinum_half_width = rng.uniform(38.0, 45.0)
     vessel_a, vessel_b = _smooth_noise(rng, grid, 12.0), _smooth_noise(rng, grid, 12.0)
     for side in (-1.0, 1.0):
         lung_radii = rng.uniform([60.0, 75.0, 90.0], [70.0, 85.0, 110.0])
         lung_bottom = liver_centre[2] + liver_radii[2] * (0.75 if side > 0 else 0.55) + diaphragm_gap
         lung_centre = [side * rng.uniform(60.0, 75.0), rng.uniform(-35.0, -20.0), lung_bottom + lung_radii[2]]
         lung_r = _ellipsoid_radius(_local(q, lung_centre, _small_rotation(rng, 8.0)), lung_radii)
-        canvas.paint((lung_r < 1 + diaphragm_gap / lung_radii[2]) & inside_wall, muscle_hu + 5.0 * texture)
-        lung = (lung_r < 1) & inside_wall
+        lateral = side * x > mediastinum_half_width  # the aorta, oesophagus and spine stay out of the lungs
+        canvas.paint((lung_r < 1 + diaphragm_gap / lung_radii[2]) & inside_wall & lateral, muscle_hu + 5.0 * texture)
+        lung = (lung_r < 1) & inside_wall & (side * x > mediastinum_half_width + diaphragm_gap)
         canvas.paint(lung, rng.uniform(-880.0, -820.0) + 15.0 * texture)
         canvas.paint(lung & (np.sqrt(vessel_a ** 2 + vessel_b ** 2) < 0.25), rng.uniform(-100.0, 20.0))
 
@@ -408,7 +414,7 @@ def _build_ct(rng):
 
     # Spleen (label 2): a crescent against the left posterolateral wall, in the liver's intensity range.
     spleen_scale = rng.uniform(0.85, 1.15)
-    spleen_radii = rng.uniform([20.0, 45.0, 42.0], [25.0, 55.0, 52.0]) * spleen_scale
+    spleen_radii = rng.uniform([24.0, 45.0, 42.0], [30.0, 55.0, 52.0]) * spleen_scale
     wall_angle = np.deg2rad(rng.uniform(35.0, 50.0))  # from the left lateral direction towards posterior
     cavity_b = body_b - fat_thickness - wall_thickness
     spleen_centre = [-(cavity_a - spleen_radii[0] - 4.0) * np.cos(wall_angle),
@@ -416,15 +422,16 @@ def _build_ct(rng):
     # Local x points out of the body through the spleen's convex surface.
     spleen_rotation = _rotation("z", 180.0 + np.rad2deg(wall_angle)) @ _small_rotation(rng, 8.0)
     spleen_local = _local(q, spleen_centre, spleen_rotation)
-    spleen_hilum = _ellipsoid_radius([spleen_local[0] + 1.1 * spleen_radii[0], spleen_local[1], spleen_local[2]],
+    spleen_hilum = _ellipsoid_radius([spleen_local[0] + 1.35 * spleen_radii[0], spleen_local[1], spleen_local[2]],
                                      spleen_radii * [0.8, 0.9, 0.9])
     spleen = (_ellipsoid_radius(spleen_local, spleen_radii) < 1) & (spleen_hilum > 1) & cavity
-    canvas.paint(spleen, rng.uniform(45.0, 55.0) + 4.0 * texture, label=2)
+    canvas.paint(_rim(spleen) & cavity, visceral_fat)
+    canvas.paint(spleen, rng.uniform(45.0, 55.0) + 2.0 * texture, label=2)
 
     # Great vessels: aorta (label 4) anterior-left of the vertebral body; inferior vena cava (unlabelled) right of it.
-    aorta_radius = rng.uniform(10.0, 12.5)
-    aorta_x0 = -rng.uniform(12.0, 22.0)
-    aorta_y0 = vertebra_y + vertebra_radii[1] + aorta_radius + rng.uniform(2.0, 6.0)
+    aorta_radius = rng.uniform(11.0, 13.5)
+    aorta_x0 = -rng.uniform(14.0, 22.0)
+    aorta_y0 = vertebra_y + vertebra_radii[1] + aorta_radius + rng.uniform(4.0, 8.0)  # a fat plane in between
     aorta_phase = rng.uniform(0.0, 2 * np.pi)
     aorta_x = aorta_x0 + 3.0 * np.sin(z / 80.0 + aorta_phase)
     aorta_y = aorta_y0 + 3.0 * np.cos(z / 90.0 + aorta_phase)
@@ -432,9 +439,9 @@ def _build_ct(rng):
     ivc_y = vertebra_y + vertebra_radii[1] + rng.uniform(8.0, 12.0)
 
     # Kidneys (label 3, both sides): bean shapes with cortex, medulla and a fatty sinus at the hilum.
-    cortex_hu = rng.uniform(150.0, 175.0)
-    medulla_hu = cortex_hu - rng.uniform(25.0, 45.0)
-    ivc_hu = rng.uniform(110.0, 130.0)
+    cortex_hu = rng.uniform(140.0, 160.0)
+    medulla_hu = cortex_hu - rng.uniform(25.0, 40.0)
+    ivc_hu = rng.uniform(105.0, 125.0)
     left_kidney_z = rng.uniform(-20.0, 0.0)
     for side, kidney_z in ((1.0, left_kidney_z - rng.uniform(5.0, 15.0)), (-1.0, left_kidney_z)):
         radii = rng.uniform([22.0, 26.0, 48.0], [27.0, 32.0, 58.0]) * rng.uniform(0.85, 1.15)
@@ -447,6 +454,7 @@ def _build_ct(rng):
         kidney_r = _ellipsoid_radius(local, radii)
         hilum_r = _ellipsoid_radius([local[0] + 0.9 * radii[0], local[1], local[2]], radii * [0.55, 0.4, 0.35])
         parenchyma = (kidney_r < 1) & (hilum_r > 1) & inside_wall
+        canvas.paint(_rim(kidney_r < 1) & inside_wall, visceral_fat)  # perirenal fat
         canvas.paint(parenchyma, cortex_hu + 6.0 * texture, label=3)
         canvas.paint(parenchyma & (kidney_r < 1 - rng.uniform(6.0, 8.0) / radii.min()),
                      medulla_hu + 6.0 * texture, label=3)
@@ -463,7 +471,8 @@ def _build_ct(rng):
     ivc = _ellipsoid_radius([x - ivc_x, y - ivc_y], rng.uniform([11.0, 7.0], [15.0, 10.0])) < 1
     canvas.paint(ivc, ivc_hu + 3.0 * texture)
     aorta = (x - aorta_x) ** 2 + (y - aorta_y) ** 2 < aorta_radius ** 2
-    canvas.paint(aorta, rng.uniform(165.0, 195.0) + 3.0 * texture, label=4)
+    canvas.paint(_rim(aorta) & inside_wall, visceral_fat)
+    canvas.paint(aorta, rng.uniform(180.0, 210.0) + 3.0 * texture, label=4)
 
     # Spine: vertebral bodies with cortical rim and discs, canal, posterior elements (unlabelled bone).
     cancellous_hu, cortical_hu = rng.uniform(180.0, 300.0), rng.uniform(450.0, 700.0)
@@ -498,7 +507,7 @@ def _build_ct(rng):
     # Partial volume (scanner point-spread function), then correlated noise, then the usual integer HU range.
     psf = rng.uniform(0.5, 0.8) * np.array([1.0, 1.0, rng.uniform(1.0, 1.2)])
     image = ndimage.gaussian_filter(canvas.image, psf)
-    image += np.float32(rng.uniform(10.0, 20.0)) * _correlated_noise(rng, grid.shape, 0.5)
+    image += np.float32(rng.uniform(6.0, 12.0)) * _correlated_noise(rng, grid.shape, 0.5)
     image = np.clip(np.round(image), -1024.0, 3071.0).astype(np.float32)
     return image, canvas.label, grid
 
@@ -873,3 +882,8 @@ def _save_nifti(array, affine, path: Path) -> None:
 def _check_modality(modality) -> None:
     if modality not in MODALITIES:
         raise MedsegError(f"unknown phantom modality {modality!r}; choose one of {', '.join(MODALITIES)}")
+
+
+def _check_integer(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise MedsegError(f"{name} must be an integer >= {minimum}, got {value!r}")
