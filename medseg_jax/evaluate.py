@@ -27,11 +27,10 @@ def _find_label_names(ref_dir: Path, dataset_json: str | Path | None) -> dict[in
     for path in candidates:
         if path.is_file():
             try:
-                labels = json.loads(path.read_text()).get("labels", {})
+                labels = json.loads(path.read_text()).get("labels")
             except json.JSONDecodeError as exc:
                 raise MedsegError(f"{path}: not valid JSON ({exc})") from None
-            return layout.parse_labels(labels, path) if hasattr(layout, "parse_labels") else \
-                {int(k): str(v) for k, v in labels.items()}
+            return layout.parse_labels(path, labels)
         if dataset_json:
             raise MedsegError(f"{path}: dataset.json not found")
     return None

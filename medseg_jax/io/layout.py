@@ -141,7 +141,7 @@ def _non_negative_int(value: Any) -> int | None:
     return None
 
 
-def _parse_labels(json_path: Path, raw: Any) -> dict[int, str]:
+def parse_labels(json_path: Path, raw: Any) -> dict[int, str]:
     if not isinstance(raw, dict) or not raw:
         raise MedsegError(f"{json_path}: 'labels' must be a non-empty object, e.g. {{\"background\": 0, \"liver\": 1}}")
     labels: dict[int, str] = {}
@@ -275,7 +275,7 @@ def load_dataset(root: str | os.PathLike) -> DatasetSpec:
     data = _read_json(json_path)
     if "labels" not in data:
         raise MedsegError(f"{json_path}: missing 'labels', e.g. {{\"background\": 0, \"liver\": 1}}")
-    labels = _parse_labels(json_path, data["labels"])
+    labels = parse_labels(json_path, data["labels"])
     channel_names = _parse_channels(json_path, data)
     name = data.get("name") or root.name
     if not isinstance(name, str):

@@ -181,6 +181,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, resume: bool =
     end_step = total_steps if stop_at_step is None else min(stop_at_step, total_steps)
     best_dice = max([r["val_dice"] for r in run.read_metrics() if r.get("kind") == "val"] or [float("nan")])
     pending: list[dict] = []
+    last_loss = float("nan")
     train_seconds = 0.0
     progress = tqdm(range(start_step, end_step), initial=start_step, total=total_steps, desc="training",
                     unit="step", dynamic_ncols=True, disable=jax.process_index() != 0)
@@ -197,7 +198,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, resume: bool =
             record = {"kind": "train", "step": done,
                       **{k: float(np.mean([v[k] for v in values])) for k in values[0]}}
             pending = []
-            progress.set_postfix(loss=f"{record['loss']:.4f}", best_val=f"{best_dice:.3f}")
+            last_loss = record["loss"]
+            progress.set_postfix(loss=f"{last_loss:.4f}", best_val=f"{best_dice:.3f}")
             log.write(record)
         if val_cases and (done % config.train.val_every == 0 or done == total_steps):
             train_seconds += time.time() - step_started
@@ -205,7 +207,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, resume: bool =
             log.write({"kind": "val", "step": done, **result})
             best_dice = result["val_dice"] if np.isnan(best_dice) else max(best_dice, result["val_dice"])
             best.save(done, args=ocp.args.StandardSave(state.to_dict()), metrics={"val_dice": result["val_dice"]})
-            progress.set_postfix(loss=f"{record['loss']:.4f}" if pending == [] else "", best_val=f"{best_dice:.3f}")
+            progress.set_postfix(loss=f"{last_loss:.4f}", best_val=f"{best_dice:.3f}")
             step_started = time.time()
         if done % config.train.checkpoint_every == 0 or done == end_step:
             latest.save(done, args=ocp.args.StandardSave(state.to_dict()), force=True)
