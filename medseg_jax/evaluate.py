@@ -12,7 +12,6 @@ import io
 import json
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 from tqdm.auto import tqdm
 

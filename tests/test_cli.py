@@ -1,8 +1,6 @@
 """Each bad input ends in one line naming the file or key, exit code 2, no traceback, no partial output."""
 
-import json
 import os
-import shutil
 import subprocess
 import sys
 

@@ -13,13 +13,12 @@ from pathlib import Path
 from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
-from medseg_jax import augment, runs, viz
+from medseg_jax import augment, fileio, runs, viz
 from medseg_jax.data import cases as cases_lib
 from medseg_jax.data import preprocess, sampling
 from medseg_jax.errors import MedsegError
@@ -223,6 +222,5 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, resume: bool =
                "best_step": best.best_step()}
     if jax.process_index() == 0:
         viz.training_curve_png(run.read_metrics(), run.curve_path)
-        from medseg_jax import fileio
         fileio.write_json(run.summary_path, summary)
     return summary
