@@ -73,9 +73,7 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, sampl
         params = model.init(key, jnp.zeros(sample_shape, jnp.float32))["params"]
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
-    abstract = jax.eval_shape(init, key)
-    shardings = jax.tree.map(lambda _: mesh_lib.replicated(mesh), abstract)
-    return jax.jit(init, out_shardings=shardings)(key)
+    return jax.jit(init, out_shardings=state_shardings(jax.eval_shape(init, key), mesh))(key)
 
 
 def state_shardings(state_or_abstract, mesh: Mesh):
