@@ -78,10 +78,7 @@ def evaluate(pred_dir, ref_dir, out_dir, *, dataset_json=None, overwrite: bool =
     if names:
         for name, pred, ref in loaded:
             for array, folder in ((ref, ref_dir), (pred, pred_dir)):
-                undeclared = sorted(set(np.unique(array).tolist()) - set(names))
-                if undeclared:
-                    raise MedsegError(f"{folder / name}: label values {undeclared} are not declared "
-                                      f"(declared: {sorted(names)})")
+                layout.check_declared_labels(array, names, folder / name)
     classes = [c for c in sorted(names) if c != 0]
 
     rows = []

@@ -8,9 +8,8 @@ from typing import Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from medseg_jax.errors import MedsegError
 from medseg_jax.io import nifti
-from medseg_jax.io.layout import Case
+from medseg_jax.io.layout import Case, check_declared_labels
 
 
 @dataclass
@@ -28,10 +27,7 @@ def load_case(case: Case, declared_labels: Sequence[int] | None = None) -> Loade
         label, label_geometry = nifti.read_label(case.label_path)
         nifti.check_same_grid(geometry, label_geometry, case.image_paths[0], case.label_path)
         if declared_labels is not None:
-            undeclared = sorted(set(np.unique(label).tolist()) - set(declared_labels))
-            if undeclared:
-                raise MedsegError(f"{case.label_path}: label values {undeclared} are not declared in dataset.json "
-                                  f"(declared: {sorted(declared_labels)})")
+            check_declared_labels(label, declared_labels, case.label_path)
     return LoadedCase(case.case_id, image, label, geometry)
 
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from medseg_jax.errors import MedsegError
 
 NIFTI_ENDINGS = (".nii.gz", ".nii")
@@ -139,6 +141,14 @@ def _non_negative_int(value: Any) -> int | None:
     if isinstance(value, str) and value.strip().isdigit():
         return int(value)
     return None
+
+
+def check_declared_labels(label: np.ndarray, declared, path) -> None:
+    """MedsegError naming `path` when `label` holds values outside `declared` (the dataset's label values)."""
+    undeclared = sorted(set(np.unique(label).tolist()) - set(declared))
+    if undeclared:
+        raise MedsegError(f"{path}: label values {undeclared} are not declared in dataset.json "
+                          f"(declared: {sorted(declared)})")
 
 
 def parse_labels(json_path: Path, raw: Any) -> dict[int, str]:
