@@ -11,13 +11,23 @@ def get_config():
     config.seed = 0
 
     config.data = ml_collections.ConfigDict()
-    config.data.dataset = ""  # a dataset folder in Decathlon (MSD) or nnU-Net raw layout
+    config.data.dataset = ""  # a dataset folder in Decathlon (MSD) or nnU-Net raw layout, prepared into RUN/store
+    config.data.store = ""  # or a store made by `medseg prepare` (takes precedence over data.dataset)
     config.data.val_cases = 2  # the last N training cases (sorted by id) are held out for validation
-    # mm per canonical axis; empty: the median spacing of the training cases. The demo trains at a coarse 5 mm so that
-    # a 2-core CPU sees enough steps in ten minutes; predictions are still written on each scan's own grid.
+    # Planning (read when the store is prepared; a store prepared otherwise is refused):
+    # mm per canonical axis; empty: planned (median, nnU-Net's anisotropy rule). The demo trains at a coarse 5 mm so
+    # that a 2-core CPU sees enough steps in ten minutes; predictions are still written on each scan's own grid.
     config.data.target_spacing = (5.0, 5.0, 5.0)
-    config.data.normalization = "auto"  # auto (by modality) | ct | zscore | percentile | none
-    config.data.oversample_foreground = 0.5  # share of each batch centred on a foreground class (nnU-Net: 1/3)
+    config.data.anisotropy_threshold = 3.0
+    config.data.normalization = "auto"  # auto (by each channel's modality) | ct | zscore | percentile | none
+    config.data.label_resampling = "nearest"  # nearest | linear (per class, then argmax)
+    config.data.chunk_shape = (32, 32, 32)  # zarr inner chunk of the stored volumes
+    config.data.prepare_workers = 1  # processes preparing cases when training prepares data.dataset itself
+    # Streaming:
+    config.data.oversample_foreground = 0.5  # expected share of each batch centred on a foreground class (nnU-Net 1/3)
+    config.data.workers = 0  # grain worker processes reading patches (0: in the training process)
+    config.data.threads = 2  # reader threads per process (overlap tensorstore reads)
+    config.data.prefetch_batches = 2  # batches buffered ahead per process
 
     config.model = ml_collections.ConfigDict()
     config.model.name = "unet"

@@ -43,6 +43,52 @@ def cmd_train(args, overrides) -> None:
           f"best validation Dice {summary['best_val_dice']}; run directory {args.workdir}")
 
 
+def prepare_data_config(config_path, overrides):
+    """The `data` config for `medseg prepare`: defaults, then the experiment file's data section, then overrides."""
+    import ml_collections
+
+    from medseg_jax import config as config_lib
+    from medseg_jax.data.fingerprint import default_data_config
+
+    config = ml_collections.ConfigDict({"data": default_data_config()})
+    if config_path:
+        loaded = config_lib.load_config_file(config_path)
+        if "data" in loaded:
+            for key, value in loaded.data.items():
+                if key in config.data:
+                    config.data[key] = value
+    config = config_lib.apply_overrides(config, overrides)
+    unknown = [o for o in overrides if not o.startswith(("--config.data.", "config.data."))]
+    if unknown:
+        from medseg_jax.errors import MedsegError
+
+        raise MedsegError(f"{unknown[0]}: medseg prepare reads only config keys under data.")
+    return config.data
+
+
+def cmd_prepare(args, overrides) -> None:
+    from medseg_jax.data.prepare import ValidationFailed, format_plan, prepare, report_tsv
+
+    data_config = prepare_data_config(args.config, overrides)
+    try:
+        result = prepare(args.source, args.out, data_config, skip_bad=args.skip_bad, workers=args.workers)
+    except ValidationFailed as failure:
+        for line in failure.report:
+            print(line, file=sys.stderr)
+        if args.report:
+            from medseg_jax import fileio
+
+            fileio.write_text(args.report, report_tsv(failure.problems))
+        raise
+    print(f"prepared {result['cases']} cases ({result['prepared_now']} now) into {result['store']}: "
+          f"{format_plan(result['plan'])}")
+    if result["problems"]:
+        print(f"left out {len(result['problems'])} bad case(s); report: {result['store']}/validation_report.tsv",
+              file=sys.stderr)
+        for problem in result["problems"]:
+            print(problem.line(), file=sys.stderr)
+
+
 def cmd_predict(args) -> None:
     from medseg_jax.predict import predict
 
@@ -96,6 +142,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", help="dataset folder; shorthand for --config.data.dataset=DIR")
     p.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
 
+    p = sub.add_parser("prepare", help="validate, fingerprint, plan and preprocess a dataset into a zarr3 store; "
+                                       "extra --config.data.key=value arguments override the data config")
+    p.add_argument("--source", required=True, help="dataset folder (Decathlon or nnU-Net raw layout)")
+    p.add_argument("--out", required=True, help="store folder to create (or to finish after an interruption)")
+    p.add_argument("--config", help="experiment file whose data section sets the plan (default: planned)")
+    p.add_argument("--skip-bad", action="store_true", help="prepare the good cases; report the bad ones in the store")
+    p.add_argument("--workers", type=int, default=1, help="processes reading and preprocessing cases")
+    p.add_argument("--report", help="also write the validation report (TSV) here when validation fails")
+
     p = sub.add_parser("predict", help="segment scans with a trained run")
     p.add_argument("--run", required=True, help="run directory made by `medseg train`")
     p.add_argument("--input", required=True, help="a NIfTI file or a folder of them")
@@ -128,8 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     try:
-        if args.command in ("train", "demo"):
-            handler = {"train": cmd_train, "demo": cmd_demo}[args.command]
+        if args.command in ("train", "demo", "prepare"):
+            handler = {"train": cmd_train, "demo": cmd_demo, "prepare": cmd_prepare}[args.command]
             handler(args, _overrides(unknown, parser))
         else:
             if unknown:

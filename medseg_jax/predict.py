@@ -1,8 +1,9 @@
 """Files in, files out: a trained run directory + scans -> label maps in each scan's own geometry.
 
-Each input is brought to canonical orientation, normalised and resampled exactly as in training (the run's plans.json),
-segmented by Gaussian-weighted sliding-window inference, resampled back to its canonical grid (logits, linear), and
-written with the input's shape, affine and voxel order under the input's file name.
+Each input is brought to canonical orientation, cropped to its nonzero region, normalised and resampled exactly as in
+training (the run's plans.json), segmented by Gaussian-weighted sliding-window inference, resampled back onto its crop
+box (logits, linear; background outside), and written with the input's shape, affine and voxel order under the
+input's file name.
 """
 
 from __future__ import annotations
@@ -40,16 +41,18 @@ class Predictor:
         self.forward = make_forward(self.model, self.mesh)
         self.num_classes = len(self.plans["labels"])
 
-    def logits(self, image: np.ndarray, spacing) -> np.ndarray:
-        """Canonical image (X, Y, Z, C) -> logits on the preprocessed grid."""
-        volume, _ = preprocess.preprocess_case(image, spacing, self.plans)
-        return sliding_window_inference(lambda windows: self.forward(self.params, windows), volume,
-                                        tuple(self.config.train.patch_size), self.num_classes,
-                                        overlap=self.config.infer.overlap, batch_size=self.config.infer.batch_size)
+    def logits(self, image: np.ndarray, spacing) -> tuple[np.ndarray, preprocess.Preprocessed]:
+        """Canonical image (X, Y, Z, C) -> (logits on the preprocessed grid, the preprocessing record)."""
+        pre = preprocess.preprocess_case(image, spacing, self.plans)
+        logits = sliding_window_inference(lambda windows: self.forward(self.params, windows), pre.image,
+                                          tuple(self.config.train.patch_size), self.num_classes,
+                                          overlap=self.config.infer.overlap, batch_size=self.config.infer.batch_size)
+        return logits, pre
 
     def predict_array(self, image: np.ndarray, spacing) -> np.ndarray:
         """Canonical image (X, Y, Z, C) -> canonical label map (X, Y, Z) on the same grid."""
-        return preprocess.logits_to_original(self.logits(image, spacing), image.shape[:3]).astype(np.uint8)
+        logits, pre = self.logits(image, spacing)
+        return preprocess.logits_to_original(logits, pre.crop_box, pre.canonical_shape)
 
     def predict_file(self, paths, output: Path) -> None:
         image, geometry = nifti.read_images(paths)

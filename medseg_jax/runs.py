@@ -2,8 +2,10 @@
 
     RUN/config.json              the resolved experiment config (enough to reproduce the run)
     RUN/plans.json               preprocessing plan (target spacing, normalisation, labels)
-    RUN/checkpoints/latest/      orbax CheckpointManager keeping the most recent state (for --resume)
-    RUN/checkpoints/best/        orbax CheckpointManager keeping the state with the best validation Dice
+    RUN/checkpoints/latest/      orbax CheckpointManager keeping the most recent state and the data loader's grain
+                                 iterator state (for --resume); items "state" and "data"
+    RUN/checkpoints/best/        orbax CheckpointManager keeping the state with the best validation Dice (item "state")
+    RUN/validation/              the validation cases predicted at the end, in their source files' geometry
     RUN/metrics.jsonl            one JSON object per logged step / validation
     RUN/tensorboard/             TensorBoard events
     RUN/training_curve.png       loss and validation Dice against step
@@ -39,6 +41,7 @@ class RunDir:
     summary_path = property(lambda self: self.path / "train_summary.json")
     latest_dir = property(lambda self: self.path / "checkpoints" / "latest")
     best_dir = property(lambda self: self.path / "checkpoints" / "best")
+    validation_dir = property(lambda self: self.path / "validation")
 
     def has_checkpoint(self) -> bool:
         return any(self.latest_dir.glob("[0-9]*")) if self.latest_dir.is_dir() else False
@@ -79,13 +82,35 @@ class RunDir:
         return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
 
 
-def restore_into(manager: ocp.CheckpointManager, step: int, template):
-    """Restores checkpoint `step` with the structure, dtypes and shardings of `template` (a pytree of arrays)."""
+def save_checkpoint(manager: ocp.CheckpointManager, step: int, state_dict, data_iterator=None,
+                    metrics: dict | None = None, force: bool = False) -> None:
+    """Saves item "state" (a pytree of arrays) and, when given, item "data" (a grain iterator's state)."""
+    import grain
+
+    items = {"state": ocp.args.StandardSave(state_dict)}
+    if data_iterator is not None:
+        items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+    manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
+
+
+def restore_into(manager: ocp.CheckpointManager, step: int, template, data_iterator=None):
+    """Restores checkpoint `step` with the structure, dtypes and shardings of `template` (a pytree of arrays), and the
+    grain iterator `data_iterator` in place when given."""
+    import grain
+
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
-    restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    items = {"state": ocp.args.StandardRestore(abstract)}
+    if data_iterator is not None:
+        items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    restored = manager.restore(step, args=ocp.args.Composite(**items))
     # orbax hands back plain containers (tuples for optax's namedtuples): rebuild the template's tree structure.
-    leaves = jax.tree.leaves(restored)
+    leaves = jax.tree.leaves(restored["state"])
     return jax.tree.unflatten(jax.tree.structure(template), leaves)
+
+
+def restore_raw(manager: ocp.CheckpointManager, step: int) -> dict:
+    """The saved "state" item as written (nested dicts of arrays), with no template."""
+    return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
 
 
 def open_for_prediction(path: str | Path, checkpoint: str = "best"):
@@ -105,6 +130,5 @@ def open_for_prediction(path: str | Path, checkpoint: str = "best"):
         raise MedsegError(f"{run.path}: no checkpoint found; train first with `medseg train --workdir {run.path}`")
     # Restoring without a target gives the saved tree as it was written (nested dicts of arrays): prediction needs
     # only the params, and needs no optimizer to rebuild the full state's structure.
-    restored = manager.restore(step, args=ocp.args.StandardRestore())
-    params = jax.tree.map(np.asarray, restored["params"])
+    params = jax.tree.map(np.asarray, restore_raw(manager, step)["params"])
     return config, plans, model, params

@@ -2,7 +2,6 @@ import json
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from medseg_jax import runs
@@ -17,8 +16,7 @@ def _train_losses(run_dir):
 
 def _final_params(run_dir):
     latest, _ = runs.RunDir(run_dir).checkpoint_managers()
-    restored = latest.restore(latest.latest_step(), args=ocp.args.StandardRestore())
-    return restored
+    return runs.restore_raw(latest, latest.latest_step())
 
 
 def test_loss_falls_on_a_tiny_problem(tiny_dataset, tmp_path):

@@ -1,61 +1,25 @@
-"""Planning and preprocessing for training and prediction: target spacing, intensity normalisation, resampling.
+"""Preprocessing one case by a plan (see `data/fingerprint.py`), and mapping results back to the case's own grid.
 
-The plan is a JSON-friendly dict saved in the run directory (`plans.json`), so prediction applies exactly the
-preprocessing that training saw:
+    canonical image (X, Y, Z, C) [+ label]  --crop to nonzero-->  --normalise-->  --resample to target spacing-->
 
-    {"target_spacing": [x, y, z], "modality": "ct", "labels": {"0": "background", ...}, "channel_names": {...},
-     "normalization": [{"scheme": "ct", "clip": [lo, hi], "mean": m, "std": s}, ...]  # one entry per channel}
-
-Schemes (nnU-Net's choices by modality): `ct` clips to the 0.5-99.5 percentiles of the foreground (label > 0) voxels of
-the training set and z-scores with their mean and std; `zscore` (MRI and anything else) z-scores each case with its own
-mean and std over nonzero voxels; `percentile` (ultrasound) maps each case's 0.5-99.5 percentile range to [0, 1].
-Resampling: images cubic, labels nearest, logits back to the original grid linear; all with the voxel-area alignment
-of `scipy.ndimage.zoom(grid_mode=True)` so that going there and back is consistent.
+The plan is the JSON dict saved in the store and in every run (`plans.json`), so prediction applies exactly the
+preprocessing training saw. Normalisation schemes: `ct` clips to dataset-wide foreground percentiles and z-scores with
+the dataset's foreground mean and std; `zscore` uses each case's own mean and std over its nonzero voxels;
+`percentile` maps each case's 0.5-99.5 percentile range to [0, 1]; `none` leaves values as they are.
+Resampling uses the voxel-area alignment of `scipy.ndimage.zoom(grid_mode=True)`: voxel i of n maps to the interval
+[i, i+1) * (old/new), so going there and back is consistent, and `map_back` is its exact inverse up to interpolation.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import scipy.ndimage
 
+from medseg_jax.data.fingerprint import crop, nonzero_box
 from medseg_jax.errors import MedsegError
-
-SCHEME_BY_MODALITY = {"ct": "ct", "mri": "zscore", "us": "percentile"}
-SCHEMES = ("ct", "zscore", "percentile", "none")
-
-
-def target_spacing_from(spacings: Sequence[Sequence[float]]) -> list[float]:
-    """The median spacing per axis (nnU-Net's default target)."""
-    return [float(v) for v in np.median(np.asarray(spacings, np.float64), axis=0)]
-
-
-def foreground_statistics(images: Sequence[np.ndarray], labels: Sequence[np.ndarray], channel: int,
-                          max_samples_per_case: int = 20000, seed: int = 0) -> dict:
-    """Intensity statistics of voxels with label > 0 over the training set (subsampled per case, deterministically)."""
-    rng = np.random.default_rng(seed)
-    samples = []
-    for image, label in zip(images, labels):
-        values = image[..., channel][label > 0]
-        if values.size > max_samples_per_case:
-            values = rng.choice(values, max_samples_per_case, replace=False)
-        samples.append(values)
-    values = np.concatenate(samples) if samples else np.zeros(0)
-    if values.size == 0:
-        raise MedsegError("training labels contain no foreground voxels: nothing to learn")
-    return {"mean": float(values.mean()), "std": float(values.std()),
-            "percentile_00_5": float(np.percentile(values, 0.5)), "percentile_99_5": float(np.percentile(values, 99.5))}
-
-
-def make_normalization(scheme: str, images, labels, channel: int) -> dict:
-    if scheme not in SCHEMES:
-        raise MedsegError(f"config key 'data.normalization': unknown scheme '{scheme}' (known: {', '.join(SCHEMES)})")
-    if scheme == "ct":
-        stats = foreground_statistics(images, labels, channel)
-        return {"scheme": "ct", "clip": [stats["percentile_00_5"], stats["percentile_99_5"]],
-                "mean": stats["mean"], "std": max(stats["std"], 1e-8)}
-    return {"scheme": scheme}
 
 
 def normalize(image: np.ndarray, normalization: Sequence[dict]) -> np.ndarray:
@@ -94,37 +58,68 @@ def resize(array: np.ndarray, new_shape: Sequence[int], order: int) -> np.ndarra
     return np.stack(channels, axis=-1)
 
 
+def resize_label(label: np.ndarray, new_shape: Sequence[int], method: str = "nearest",
+                 classes: Sequence[int] | None = None) -> np.ndarray:
+    """Nearest-neighbour, or nnU-Net's linear interpolation of each class's mask followed by argmax."""
+    if tuple(label.shape) == tuple(new_shape):
+        return label
+    if method == "nearest":
+        return resize(label, new_shape, order=0)
+    classes = sorted(np.unique(label).tolist()) if classes is None else list(classes)
+    best = np.full(tuple(new_shape), -1.0, np.float32)
+    out = np.zeros(tuple(new_shape), label.dtype)
+    for value in classes:
+        score = resize((label == value).astype(np.float32), new_shape, order=1)
+        better = score > best
+        out[better] = value
+        best[better] = score[better]
+    return out
+
+
+@dataclass
+class Preprocessed:
+    image: np.ndarray  # (X', Y', Z', C) float32 on the target grid
+    label: np.ndarray | None  # (X', Y', Z') on the target grid
+    crop_box: list[list[int]]  # [[lo, hi) per canonical axis] of the original canonical grid
+    canonical_shape: tuple[int, int, int]  # the original canonical shape
+
+
 def preprocess_case(image: np.ndarray, spacing: Sequence[float], plan: dict,
-                    label: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-    """Canonical image (X, Y, Z, C) [+ label (X, Y, Z)] -> normalised, resampled to the plan's target spacing."""
+                    label: np.ndarray | None = None) -> Preprocessed:
+    """Canonical image (X, Y, Z, C) [+ label (X, Y, Z)] -> cropped, normalised, resampled to the target spacing."""
     if image.shape[-1] != len(plan["normalization"]):
         raise MedsegError(f"image has {image.shape[-1]} channels, the plan expects {len(plan['normalization'])}")
-    image = normalize(image, plan["normalization"])
-    new_shape = resampled_shape(image.shape[:3], spacing, plan["target_spacing"])
-    image = resize(image, new_shape, order=3).astype(np.float32)
+    box = nonzero_box(image, label) if plan.get("crop", "nonzero") == "nonzero" else [[0, s] for s in image.shape[:3]]
+    cropped = normalize(crop(image, box), plan["normalization"])
+    new_shape = resampled_shape(cropped.shape[:3], spacing, plan["target_spacing"])
+    out = resize(cropped, new_shape, order=3).astype(np.float32)
+    out_label = None
     if label is not None:
-        label = resize(label.astype(np.int16), new_shape, order=0).astype(np.int16)
-    return image, label
+        classes = [int(k) for k in plan["labels"]]
+        out_label = resize_label(crop(label, box), new_shape, plan.get("label_resampling", "nearest"), classes)
+        out_label = out_label.astype(np.uint8 if max(classes) < 256 else np.int16)
+    return Preprocessed(out, out_label, box, tuple(int(s) for s in image.shape[:3]))
 
 
-def logits_to_original(logits: np.ndarray, shape: Sequence[int]) -> np.ndarray:
-    """Preprocessed-grid logits (X', Y', Z', K) -> label map on the canonical original grid (X, Y, Z)."""
-    return np.argmax(resize(logits, tuple(shape), order=1), axis=-1)
+def map_back(array: np.ndarray, crop_box: Sequence[Sequence[int]], canonical_shape: Sequence[int], order: int,
+             fill=0) -> np.ndarray:
+    """Preprocessed-grid array (X', Y', Z'[, K]) -> the original canonical grid (X, Y, Z[, K]).
+
+    Resized onto the crop box (order 0: nearest, 1: linear) and placed in a volume of `canonical_shape` filled with
+    `fill` outside it."""
+    box_shape = [hi - lo for lo, hi in crop_box]
+    inside = resize(array, box_shape, order=order)
+    out = np.full(tuple(canonical_shape) + array.shape[3:], fill, dtype=inside.dtype)
+    out[tuple(slice(lo, hi) for lo, hi in crop_box)] = inside
+    return out
 
 
-def make_plan(spec_labels: dict, channel_names: dict, modality: str, images, labels, spacings,
-              data_config) -> dict:
-    """The plan from the training cases (canonical images and labels, spacings) and the `data` config section."""
-    target = data_config.target_spacing
-    target_spacing = [float(v) for v in target] if target else target_spacing_from(spacings)
-    scheme = data_config.normalization
-    if scheme == "auto":
-        scheme = SCHEME_BY_MODALITY.get(modality, "zscore")
-    num_channels = images[0].shape[-1]
-    return {
-        "target_spacing": target_spacing,
-        "modality": modality,
-        "labels": {str(k): v for k, v in sorted(spec_labels.items())},
-        "channel_names": {str(k): v for k, v in sorted(channel_names.items())},
-        "normalization": [make_normalization(scheme, images, labels, c) for c in range(num_channels)],
-    }
+def logits_to_original(logits: np.ndarray, crop_box, canonical_shape) -> np.ndarray:
+    """Preprocessed-grid logits (X', Y', Z', K) -> label map on the canonical original grid (background outside the
+    crop box)."""
+    box_shape = [hi - lo for lo, hi in crop_box]
+    labels = np.argmax(resize(logits, box_shape, order=1), axis=-1).astype(np.uint8 if logits.shape[-1] <= 256
+                                                                              else np.int16)
+    out = np.zeros(tuple(canonical_shape), labels.dtype)
+    out[tuple(slice(lo, hi) for lo, hi in crop_box)] = labels
+    return out

@@ -32,6 +32,27 @@ class Case:
 
 
 @dataclass(frozen=True)
+class Problem:
+    """One bad case in a validation report: which case, which file, what is wrong."""
+
+    case: str
+    file: str
+    problem: str
+
+    @classmethod
+    def from_error(cls, case: str, error: Exception, default_file: str | os.PathLike = "") -> "Problem":
+        """Splits a MedsegError's "<file>: <problem>" message into its parts."""
+        text = str(error)
+        head, sep, tail = text.partition(": ")
+        if sep and ("/" in head or head.endswith(NIFTI_ENDINGS) or head == str(default_file)):
+            return cls(case, head, tail)
+        return cls(case, str(default_file), text)
+
+    def line(self) -> str:
+        return f"{self.case}: {self.file}: {self.problem}"
+
+
+@dataclass(frozen=True)
 class DatasetSpec:
     root: Path
     name: str
@@ -193,8 +214,10 @@ def _parse_channels(json_path: Path, data: dict) -> dict[int, str]:
     return dict(sorted(channels.items()))
 
 
-def _dataset_file(root: Path, json_path: Path, where: str, relative: Any) -> Path:
-    """Resolves a path listed in dataset.json, refusing ones that leave the dataset folder."""
+def _dataset_file(root: Path, json_path: Path, where: str, relative: Any, allow_dir: bool = False) -> Path:
+    """Resolves a path listed in dataset.json, refusing ones that leave the dataset folder.
+
+    With `allow_dir`, a folder (a DICOM series) is accepted too."""
     if not isinstance(relative, str) or not relative:
         raise MedsegError(f"{json_path}: {where} must be a file path string, got {relative!r}")
     if os.path.isabs(relative):
@@ -205,22 +228,41 @@ def _dataset_file(root: Path, json_path: Path, where: str, relative: Any) -> Pat
     if normal == os.pardir or normal.startswith(os.pardir + os.sep) or normal == os.curdir:
         raise MedsegError(f"{json_path}: {where} '{relative}' points outside the dataset folder {root}")
     path = root / normal
-    if not path.is_file():
+    if not (path.is_file() or (allow_dir and path.is_dir())):
         raise MedsegError(f"{path}: listed in {json_path.name} as {where} but the file does not exist")
     return path
 
 
-def _msd_cases(root: Path, json_path: Path, data: dict) -> tuple[tuple[Case, ...], tuple[Case, ...]]:
+def _collect(problems: list[Problem] | None, case: str, error: MedsegError, default_file) -> None:
+    """Raises `error`, or records it as a problem of `case` when a problems list is given."""
+    if problems is None:
+        raise error
+    problems.append(Problem.from_error(case, error, default_file))
+
+
+def _entry_case_id(entry: Any, index: int, split: str) -> str:
+    image = entry.get("image") if isinstance(entry, dict) else entry
+    if isinstance(image, str) and image:
+        return case_id_from_filename(image.rstrip("/"))
+    return f"{split}[{index}]"
+
+
+def _msd_cases(root: Path, json_path: Path, data: dict,
+               problems: list[Problem] | None = None) -> tuple[tuple[Case, ...], tuple[Case, ...]]:
     training = []
     for i, entry in enumerate(data["training"]):
         where = f"training[{i}]"
-        if not isinstance(entry, dict) or "image" not in entry:
-            raise MedsegError(f"{json_path}: {where} must be {{\"image\": ..., \"label\": ...}}, got {entry!r}")
-        image = _dataset_file(root, json_path, f"{where}.image", entry["image"])
-        if entry.get("label") is None:
-            raise MedsegError(f"{json_path}: {where} image '{entry['image']}' has no label; every training case needs "
-                              "one")
-        label = _dataset_file(root, json_path, f"{where}.label", entry["label"])
+        try:
+            if not isinstance(entry, dict) or "image" not in entry:
+                raise MedsegError(f"{json_path}: {where} must be {{\"image\": ..., \"label\": ...}}, got {entry!r}")
+            image = _dataset_file(root, json_path, f"{where}.image", entry["image"], allow_dir=True)
+            if entry.get("label") is None:
+                raise MedsegError(f"{json_path}: {where} image '{entry['image']}' has no label; every training case "
+                                  "needs one")
+            label = _dataset_file(root, json_path, f"{where}.label", entry["label"])
+        except MedsegError as error:
+            _collect(problems, _entry_case_id(entry, i, "training"), error, json_path)
+            continue
         training.append(Case(case_id_from_filename(image.name), (image,), label))
     test_entries = data.get("test") or []
     if not isinstance(test_entries, list):
@@ -229,55 +271,92 @@ def _msd_cases(root: Path, json_path: Path, data: dict) -> tuple[tuple[Case, ...
     for i, entry in enumerate(test_entries):
         if isinstance(entry, dict):  # some conversions write test entries like training ones
             entry = entry.get("image")
-        image = _dataset_file(root, json_path, f"test[{i}]", entry)
+        try:
+            image = _dataset_file(root, json_path, f"test[{i}]", entry, allow_dir=True)
+        except MedsegError as error:
+            _collect(problems, _entry_case_id(entry, i, "test"), error, json_path)
+            continue
         label = root / "labelsTs" / image.name
         test.append(Case(case_id_from_filename(image.name), (image,), label if label.is_file() else None))
     return tuple(training), tuple(test)
 
 
 def _nnunet_cases(folder: Path, label_folder: Path, file_ending: str, n_channels: int,
-                  require_labels: bool) -> tuple[Case, ...]:
+                  require_labels: bool, problems: list[Problem] | None = None) -> tuple[Case, ...]:
+    """Cases of an nnU-Net imagesTr / imagesTs folder; a channel may be a DICOM series folder `<case>_<cccc>/`."""
     if not folder.is_dir():
         return ()
     by_case: dict[str, dict[int, Path]] = defaultdict(dict)
+    bad: set[str] = set()
     for file in sorted(folder.iterdir()):
-        if not file.name.endswith(file_ending) or file.name.startswith("."):
+        if file.name.startswith("."):
             continue
-        match = _CHANNEL_SUFFIX.match(file.name[: -len(file_ending)])
-        if match is None:
-            raise MedsegError(f"{file}: image file names must end in a channel suffix like _0000{file_ending}")
-        channel = int(match["channel"])
-        if channel >= n_channels:
-            raise MedsegError(f"{file}: channel {channel} but dataset.json names only {n_channels} channel(s)")
+        if file.is_dir():
+            stem = file.name
+        elif file.name.endswith(file_ending):
+            stem = file.name[: -len(file_ending)]
+        else:
+            continue
+        match = _CHANNEL_SUFFIX.match(stem)
+        try:
+            if match is None:
+                raise MedsegError(f"{file}: image file names must end in a channel suffix like _0000{file_ending}")
+            channel = int(match["channel"])
+            if channel >= n_channels:
+                raise MedsegError(f"{file}: channel {channel} but dataset.json names only {n_channels} channel(s)")
+        except MedsegError as error:
+            case_id = match["case"] if match else stem
+            bad.add(case_id)
+            _collect(problems, case_id, error, file)
+            continue
         by_case[match["case"]][channel] = file
     cases = []
     for case_id in sorted(by_case):
+        if case_id in bad:
+            continue
         files = by_case[case_id]
-        for channel in range(n_channels):
-            if channel not in files:
-                raise MedsegError(f"{folder / f'{case_id}_{channel:04d}{file_ending}'}: missing channel file for "
-                                  f"case '{case_id}'")
-        label = label_folder / f"{case_id}{file_ending}"
-        if not label.is_file():
-            if require_labels:
-                raise MedsegError(f"{label}: missing label for training image "
-                                  f"{files[0].name}")
-            label = None
+        try:
+            for channel in range(n_channels):
+                if channel not in files:
+                    raise MedsegError(f"{folder / f'{case_id}_{channel:04d}{file_ending}'}: missing channel file for "
+                                      f"case '{case_id}'")
+            label = label_folder / f"{case_id}{file_ending}"
+            if not label.is_file():
+                if require_labels:
+                    raise MedsegError(f"{label}: missing label for training image {files[0].name}")
+                label = None
+        except MedsegError as error:
+            _collect(problems, case_id, error, files[0])
+            continue
         cases.append(Case(case_id, tuple(files[c] for c in range(n_channels)), label))
     return tuple(cases)
 
 
-def _check_unique(json_path: Path, cases: tuple[Case, ...], split: str) -> None:
-    seen: dict[str, Case] = {}
+def _check_unique(json_path: Path, cases: tuple[Case, ...], split: str,
+                  problems: list[Problem] | None = None) -> tuple[Case, ...]:
+    """Refuses duplicate case ids (or, collecting problems, reports every case sharing an id and drops them)."""
+    by_id: dict[str, list[Case]] = defaultdict(list)
     for case in cases:
-        if case.case_id in seen:
-            raise MedsegError(f"{json_path}: duplicate case id '{case.case_id}' in {split} "
-                              f"({seen[case.case_id].image_paths[0]} and {case.image_paths[0]})")
-        seen[case.case_id] = case
+        by_id[case.case_id].append(case)
+    duplicates = {case_id: group for case_id, group in by_id.items() if len(group) > 1}
+    for case_id, group in duplicates.items():
+        error = MedsegError(f"{json_path}: duplicate case id '{case_id}' in {split} ({group[0].image_paths[0]} and "
+                            f"{group[1].image_paths[0]})")
+        if problems is None:
+            raise error
+        for case in group:
+            problems.append(Problem(case_id, str(case.image_paths[0]),
+                                    f"case id '{case_id}' is used by {len(group)} {split} cases; rename all but one"))
+    return tuple(case for case in cases if case.case_id not in duplicates)
 
 
-def load_dataset(root: str | os.PathLike) -> DatasetSpec:
-    """Reads an MSD or nnU-Net v2 raw dataset folder; every user mistake is a one-line MedsegError."""
+def load_dataset(root: str | os.PathLike, problems: list[Problem] | None = None) -> DatasetSpec:
+    """Reads an MSD or nnU-Net v2 raw dataset folder; every user mistake is a one-line MedsegError.
+
+    With a `problems` list, mistakes that concern one case (a missing or misplaced file, a path leaving the dataset
+    folder, a duplicate case id) are appended to it and the case is left out, so a validation report can list them
+    all; mistakes in dataset.json itself still raise.
+    """
     root = Path(root)
     if not root.is_dir():
         raise MedsegError(f"{root}: dataset folder not found")
@@ -302,22 +381,24 @@ def load_dataset(root: str | os.PathLike) -> DatasetSpec:
         raise MedsegError(f"{json_path}: file_ending {file_ending!r} is not supported (only .nii.gz and .nii)")
 
     if is_msd:
-        training, test = _msd_cases(root, json_path, data)
+        training, test = _msd_cases(root, json_path, data, problems)
     else:
         if "dataset" in data:
             raise MedsegError(f"{json_path}: the nnU-Net 'dataset' key (explicit file lists) is not supported yet; "
                               "put the files in imagesTr / labelsTr")
         n_channels = len(channel_names)
-        training = _nnunet_cases(root / "imagesTr", root / "labelsTr", file_ending, n_channels, require_labels=True)
-        test = _nnunet_cases(root / "imagesTs", root / "labelsTs", file_ending, n_channels, require_labels=False)
+        training = _nnunet_cases(root / "imagesTr", root / "labelsTr", file_ending, n_channels, require_labels=True,
+                                 problems=problems)
+        test = _nnunet_cases(root / "imagesTs", root / "labelsTs", file_ending, n_channels, require_labels=False,
+                             problems=problems)
         expected = data.get("numTraining")
-        if expected is not None and expected != len(training):
+        if expected is not None and expected != len(training) and problems is None:
             raise MedsegError(f"{json_path}: numTraining is {expected} but {root / 'imagesTr'} holds {len(training)} "
                               "cases")
-    if not training:
+    training = _check_unique(json_path, training, "training", problems)
+    test = _check_unique(json_path, test, "test", problems)
+    if not training and not problems:
         raise MedsegError(f"{json_path}: no training cases found (looked in "
                           f"{'the training list' if is_msd else root / 'imagesTr'})")
-    _check_unique(json_path, training, "training")
-    _check_unique(json_path, test, "test")
     return DatasetSpec(root=root, name=name, channel_names=channel_names, labels=labels, training=training, test=test,
                        file_ending=file_ending)

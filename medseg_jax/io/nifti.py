@@ -196,7 +196,13 @@ def from_canonical(array: np.ndarray, geometry: Geometry) -> np.ndarray:
 
 
 def read_image(path: str | os.PathLike, dtype=np.float32) -> tuple[np.ndarray, Geometry]:
-    """Returns the `(X, Y, Z, C)` canonical array (C=1 for a 3D file) and its geometry."""
+    """Returns the `(X, Y, Z, C)` canonical array (C=1 for a 3D file) and its geometry.
+
+    A folder is read as a DICOM series (`io/dicom.py`) into the same model."""
+    if Path(path).is_dir():
+        from medseg_jax.io import dicom  # pydicom is only imported when a series is met
+
+        return dicom.read_series(path, dtype=dtype)
     data, geometry = _load(path)
     data = data.astype(dtype, copy=False)
     if data.dtype.kind == "f" and not np.all(np.isfinite(data)):

@@ -1,29 +1,31 @@
 """The training loop: data, state, the jitted step, logging, validation and checkpoints.
 
-Everything numerical happens in `train/step.py`; this module only feeds it. The batch of step s and the augmentation
-key of step s are pure functions of (seed, s), so a run resumed from its latest checkpoint continues bit for bit as if
-it had never stopped (on CPU, same device count).
+Everything numerical happens in `train/step.py`; this module only feeds it. Training data come from a prepared store
+(`data/store.py`, made by `medseg prepare` or here from `data.dataset`) streamed by the grain loader (`data/loader.py`).
+The batch of step s and the augmentation key of step s are pure functions of (seed, s), and the loader's iterator state
+is checkpointed with the train state, so a run resumed from its latest checkpoint continues bit for bit as if it had
+never stopped (on CPU, same device count). At the end, validation cases are predicted in their source files' geometry
+(through the store's manifest) into RUN/validation/.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
 from medseg_jax import augment, fileio, runs, viz
-from medseg_jax.data import cases as cases_lib
-from medseg_jax.data import preprocess, sampling
+from medseg_jax.data import loader
+from medseg_jax.data.store import Store
 from medseg_jax.errors import MedsegError
 from medseg_jax.infer.sliding_window import sliding_window_inference
-from medseg_jax.io import layout
 from medseg_jax.metrics.overlap import dice_per_class, nanmean
 from medseg_jax.models.registry import build_model
 from medseg_jax.parallel import mesh as mesh_lib
@@ -36,11 +38,12 @@ def describe_device() -> str:
     return f"{len(devices)}x {devices[0].platform} ({kind})"
 
 
-def split_cases(training: Sequence[layout.Case], num_val: int):
-    if num_val < 0 or num_val >= len(training):
+def split_cases(case_ids: Sequence[str], num_val: int) -> tuple[list[str], list[str]]:
+    """The last `num_val` case ids (sorted) are held out for validation."""
+    if num_val < 0 or num_val >= len(case_ids):
         raise MedsegError(f"config key 'data.val_cases': {num_val} validation cases leaves none of the "
-                          f"{len(training)} training cases to train on")
-    ordered = sorted(training, key=lambda c: c.case_id)
+                          f"{len(case_ids)} training cases to train on")
+    ordered = sorted(case_ids)
     return (ordered[:len(ordered) - num_val], ordered[len(ordered) - num_val:]) if num_val else (ordered, [])
 
 
@@ -54,35 +57,50 @@ def check_patch_size(patch_size: Sequence[int], model) -> None:
                               f"total downsampling {f}")
 
 
-def prepare_training_data(config: ml_collections.ConfigDict):
-    """Loads, checks, plans and preprocesses the dataset named by `config.data.dataset`."""
-    if not config.data.dataset:
-        raise MedsegError("config key 'data.dataset' is empty: pass --config.data.dataset=DIR (a dataset folder in "
-                          "Decathlon layout, e.g. made by `medseg demo-data`)")
-    spec = layout.load_dataset(config.data.dataset)
-    labels = sorted(spec.labels)
-    if labels != list(range(len(labels))):
-        raise MedsegError(f"{spec.root / 'dataset.json'}: label values {labels} are not 0..K-1 (not supported yet)")
-    train_cases, val_cases = split_cases(spec.training, config.data.val_cases)
-    loaded_train = cases_lib.load_cases(train_cases, labels, desc="loading training cases")
-    loaded_val = cases_lib.load_cases(val_cases, labels, desc="loading validation cases")
-    plan = preprocess.make_plan(spec.labels, spec.channel_names, spec.modality,
-                                [c.image for c in loaded_train], [c.label for c in loaded_train],
-                                [c.geometry.spacing for c in loaded_train], config.data)
-
-    def preprocessed(loaded, seed_offset):
-        out = []
-        for i, case in enumerate(tqdm(loaded, desc="preprocessing", unit="case", leave=False)):
-            image, label = preprocess.preprocess_case(case.image, case.geometry.spacing, plan, case.label)
-            out.append(sampling.TrainingCase(case.case_id, image, label,
-                                             sampling.class_locations(label, seed=seed_offset + i)))
-        return out
-
-    return spec, plan, preprocessed(loaded_train, 0), preprocessed(loaded_val, 10_000)
+@dataclass
+class ValCase:
+    case_id: str
+    image: np.ndarray  # (X, Y, Z, C) preprocessed
+    label: np.ndarray  # (X, Y, Z) preprocessed
 
 
-def evaluate_cases(forward_fn, params, cases: Sequence[sampling.TrainingCase], config, num_classes: int) -> dict:
-    """Mean Dice per foreground class over `cases` (sliding window on the preprocessed grid)."""
+def open_training_store(config: ml_collections.ConfigDict, workdir: Path) -> Store:
+    """The prepared store named by `data.store`; or, with only `data.dataset` set, `WORKDIR/store` prepared from it
+    (resuming an interrupted preparation). Refuses a store prepared with another data config."""
+    if config.data.store:
+        store = Store(config.data.store)
+    elif config.data.dataset:
+        from medseg_jax.data.prepare import prepare
+
+        path = Path(workdir) / "store"
+        if not (path / "manifest.json").is_file():
+            print(f"preparing {config.data.dataset} into {path}")
+        prepare(config.data.dataset, path, config.data, workers=max(1, int(config.data.prepare_workers)))
+        store = Store(path)
+    else:
+        raise MedsegError("config keys 'data.store' and 'data.dataset' are both empty: pass "
+                          "--config.data.store=STORE (made by `medseg prepare`) or --config.data.dataset=DIR (a "
+                          "dataset folder in Decathlon or nnU-Net layout, e.g. made by `medseg demo-data`)")
+    from medseg_jax.data.prepare import data_config_record
+
+    prepared = json.loads((store.root / "prepare.json").read_text())["data_config"]
+    wanted = data_config_record(config.data)
+    differing = [k for k in wanted if wanted[k] != prepared.get(k)]
+    if differing:
+        key = differing[0]
+        raise MedsegError(f"config key 'data.{key}': {wanted[key]!r} but store {store.root} was prepared with "
+                          f"{prepared.get(key)!r}; set --config.data.{key} to match or prepare a new store")
+    return store
+
+
+def load_val_cases(store: Store, case_ids: Sequence[str]) -> list[ValCase]:
+    return [ValCase(case_id, *store.read_case(case_id)) for case_id in case_ids]
+
+
+def evaluate_cases(forward_fn, params, cases: Sequence[ValCase], config, num_classes: int,
+                   on_logits=None) -> dict:
+    """Mean Dice per foreground class over `cases` (sliding window on the preprocessed grid); `on_logits(case,
+    logits)` is called for each case when given."""
     patch = tuple(config.train.patch_size)
 
     def predict(windows):
@@ -92,6 +110,8 @@ def evaluate_cases(forward_fn, params, cases: Sequence[sampling.TrainingCase], c
     for case in cases:
         logits = sliding_window_inference(predict, case.image, patch, num_classes, overlap=config.infer.overlap,
                                           batch_size=config.infer.batch_size)
+        if on_logits is not None:
+            on_logits(case, logits)
         scores = dice_per_class(np.argmax(logits, -1), case.label, range(1, num_classes))
         for c, value in scores.items():
             per_class[c].append(value)
@@ -128,6 +148,21 @@ class MetricsLog:
             self.writer.close()
 
 
+def export_validation(store: Store, run: runs.RunDir, case: ValCase, logits: np.ndarray) -> dict:
+    """Writes a validation case's prediction in its source file's geometry (through the store's manifest) and scores
+    it there against the source label when that file is still readable."""
+    from medseg_jax.io import nifti
+
+    prediction = store.map_back(case.case_id, logits, order=1)
+    geometry = store.geometry(case.case_id)
+    nifti.write_label(run.validation_dir / f"{case.case_id}.nii.gz", prediction, geometry)
+    label_path = store.source_path(store.cases[case.case_id]["source"]["label"])
+    if label_path is None or not label_path.is_file():
+        return {}
+    reference, _ = nifti.read_label(label_path)
+    return dice_per_class(prediction, reference, range(1, len(store.plan["labels"])))
+
+
 def train(config: ml_collections.ConfigDict, workdir: str | Path, resume: bool = False,
           stop_at_step: int | None = None) -> dict:
     """Trains the experiment `config` in `workdir`; returns the training summary.
@@ -137,11 +172,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, resume: bool =
     run = runs.RunDir(workdir)
     if resume and not run.has_checkpoint():
         raise MedsegError(f"{run.path}: --resume given but there is no checkpoint to resume from")
-    if not resume and run.path.exists() and any(run.path.iterdir()):
+    if not resume and run.path.exists() and any(p.name != "store" for p in run.path.iterdir()):
         raise MedsegError(f"{run.path}: work directory is not empty; pass --resume to continue it or choose another")
 
     started = time.time()
-    spec, plan, train_cases, val_cases = prepare_training_data(config)
+    store = open_training_store(config, run.path)
+    plan = store.plan
+    train_ids, val_ids = split_cases(store.case_ids, config.data.val_cases)
+    val_cases = load_val_cases(store, val_ids)
     num_classes = len(plan["labels"])
     num_channels = len(plan["normalization"])
     patch = tuple(int(p) for p in config.train.patch_size)
@@ -156,6 +194,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, resume: bool =
     init_key, step_key = jax.random.split(root_key)
     state = step_lib.create_train_state(model, tx, (1, *patch, num_channels), init_key, mesh)
 
+    total_steps = config.train.steps
+    sampler = loader.PatchSampler(store, train_ids, patch, config.train.batch_size,
+                                  config.data.oversample_foreground, config.seed,
+                                  loader.local_indices(config.train.batch_size, jax.process_index(),
+                                                       jax.process_count()))
+    dataset = loader.make_dataset(sampler, total_steps, workers=config.data.workers, threads=config.data.threads,
+                                  prefetch_batches=config.data.prefetch_batches)
+    data_iterator = iter(dataset)
+
     run.path.mkdir(parents=True, exist_ok=True)
     if not resume:
         run.save_config(config)
@@ -164,7 +211,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, resume: bool =
     start_step = 0
     if resume:
         start_step = latest.latest_step()
-        state = runs.restore_into(latest, start_step, state)
+        state = runs.restore_into(latest, start_step, state, data_iterator)
         print(f"resumed from step {start_step}")
     log = MetricsLog(run, keep_until_step=start_step if resume else None)
 
@@ -172,24 +219,19 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, resume: bool =
     train_step = step_lib.make_train_step(model, tx, step_lib.make_loss_fn(config.loss), augment_fn, schedule, mesh,
                                           state)
     forward = step_lib.make_forward(model, mesh)
-    data_sharding = mesh_lib.batch_sharding(mesh)
-    per_process = config.train.batch_size // jax.process_count()
-    local_samples = range(jax.process_index() * per_process, (jax.process_index() + 1) * per_process)
+    batches = loader.device_batches(data_iterator, mesh_lib.batch_sharding(mesh))
 
-    total_steps = config.train.steps
     end_step = total_steps if stop_at_step is None else min(stop_at_step, total_steps)
     best_dice = max([r["val_dice"] for r in run.read_metrics() if r.get("kind") == "val"] or [float("nan")])
     pending: list[dict] = []
     last_loss = float("nan")
     train_seconds = 0.0
+    original_dice: dict = {}
     progress = tqdm(range(start_step, end_step), initial=start_step, total=total_steps, desc="training",
                     unit="step", dynamic_ncols=True, disable=jax.process_index() != 0)
     step_started = time.time()
     for step in progress:
-        host_batch = sampling.sample_batch(train_cases, patch, config.train.batch_size, step, config.seed,
-                                           config.data.oversample_foreground, sample_indices=local_samples)
-        batch = {k: jax.make_array_from_process_local_data(data_sharding, v) for k, v in host_batch.items()}
-        state, metrics = train_step(state, batch, jax.random.fold_in(step_key, step))
+        state, metrics = train_step(state, next(batches), jax.random.fold_in(step_key, step))
         pending.append(metrics)
         done = step + 1
         if done % config.train.log_every == 0 or done == end_step:
@@ -202,16 +244,22 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, resume: bool =
             log.write(record)
         if val_cases and (done % config.train.val_every == 0 or done == total_steps):
             train_seconds += time.time() - step_started
-            result = evaluate_cases(forward, state.params, val_cases, config, num_classes)
+            export = None
+            if done == total_steps and jax.process_index() == 0:
+                def export(case, logits):
+                    original_dice[case.case_id] = export_validation(store, run, case, logits)
+            result = evaluate_cases(forward, state.params, val_cases, config, num_classes, on_logits=export)
             log.write({"kind": "val", "step": done, **result})
             best_dice = result["val_dice"] if np.isnan(best_dice) else max(best_dice, result["val_dice"])
-            best.save(done, args=ocp.args.StandardSave(state.to_dict()), metrics={"val_dice": result["val_dice"]})
+            runs.save_checkpoint(best, done, state.to_dict(), metrics={"val_dice": result["val_dice"]})
             progress.set_postfix(loss=f"{last_loss:.4f}", best_val=f"{best_dice:.3f}")
             step_started = time.time()
         if done % config.train.checkpoint_every == 0 or done == end_step:
-            latest.save(done, args=ocp.args.StandardSave(state.to_dict()), force=True)
+            runs.save_checkpoint(latest, done, state.to_dict(), data_iterator, force=True)
     train_seconds += time.time() - step_started
     progress.close()
+    if hasattr(data_iterator, "close"):
+        data_iterator.close()
     latest.wait_until_finished()
     best.wait_until_finished()
     log.close()
@@ -219,7 +267,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, resume: bool =
     summary = {"steps": int(jax.device_get(state.step)), "total_steps": total_steps,
                "train_seconds": round(train_seconds, 1), "wall_seconds": round(time.time() - started, 1),
                "device": describe_device(), "best_val_dice": None if np.isnan(best_dice) else best_dice,
-               "best_step": best.best_step()}
+               "best_step": best.best_step(), "store": str(store.root)}
+    if original_dice:
+        per_class = {str(c): nanmean([d.get(c, float("nan")) for d in original_dice.values()])
+                     for c in range(1, num_classes)}
+        summary["final_val_dice_original_grid"] = {"mean": nanmean(per_class.values()), "per_class": per_class,
+                                                   "cases": sorted(original_dice)}
     if jax.process_index() == 0:
         viz.training_curve_png(run.read_metrics(), run.curve_path)
         fileio.write_json(run.summary_path, summary)
