@@ -33,8 +33,10 @@ def test_loss_falls_on_a_tiny_problem(tiny_dataset, tmp_path):
 
 
 def test_resume_continues_bit_for_bit(tiny_dataset, tmp_path):
-    """N steps, stop, resume, N more == 2N straight: same params and optimizer state, bit for bit on CPU."""
+    """N steps, stop, resume, N more == 2N straight: same params and optimizer state, bit for bit on CPU (the grain
+    loader in a worker process, its iterator state restored from the checkpoint)."""
     config = tiny_config(tiny_dataset, steps=6)
+    config.data.workers = 1
     train(config, tmp_path / "straight")
     train(config, tmp_path / "interrupted", stop_at_step=3)
     assert runs.RunDir(tmp_path / "interrupted").has_checkpoint()
@@ -67,3 +69,23 @@ def test_patch_size_must_divide_by_downsampling(tiny_dataset, tmp_path):
     config.train.patch_size = (16, 16, 7)
     with pytest.raises(MedsegError, match="train.patch_size"):
         train(config, tmp_path / "run")
+
+
+def test_trains_from_a_prepared_store_and_exports_validation_in_source_geometry(tiny_dataset, tmp_path):
+    from medseg_jax.data.prepare import prepare
+    from medseg_jax.io import nifti
+
+    config = tiny_config("", steps=2)
+    prepare(tiny_dataset, tmp_path / "store", config.data)
+    config.data.store = str(tmp_path / "store")
+    summary = train(config, tmp_path / "run")
+    assert summary["store"] == str(tmp_path / "store") and not (tmp_path / "run" / "store").exists()
+    val_case = sorted(p.name for p in (tiny_dataset / "labelsTr").iterdir())[-1]
+    prediction, geometry = nifti.read_label(tmp_path / "run" / "validation" / val_case)
+    _, source_geometry = nifti.read_label(tiny_dataset / "labelsTr" / val_case)
+    assert geometry.shape == source_geometry.shape and np.allclose(geometry.affine, source_geometry.affine)
+    assert set(summary["final_val_dice_original_grid"]["per_class"]) == {"1", "2"}
+
+    config.data.target_spacing = (1.0, 1.0, 1.0)
+    with pytest.raises(MedsegError, match="data.target_spacing"):
+        train(config, tmp_path / "run2")

@@ -38,7 +38,8 @@ def default_data_config() -> ml_collections.ConfigDict:
     config.store = ""
     config.target_spacing = ()  # mm per canonical axis; empty: planned from the fingerprint
     config.anisotropy_threshold = 3.0
-    config.normalization = "auto"  # auto (by each channel's modality) | ct | zscore | percentile | none
+    config.normalization = "auto"  # auto (by each channel's modality) | ct | zscore | percentile | none, or per
+    # channel: "zscore,percentile"
     config.label_resampling = "nearest"  # nearest | linear (per class, then argmax)
     config.chunk_shape = (32, 32, 32)  # zarr inner chunk (voxels per axis) of the stored volumes
     return config
@@ -166,16 +167,16 @@ def planned_target_spacing(spacings, shapes, anisotropy_threshold: float = 3.0) 
 
 
 def _schemes(data_config, channel_names: dict) -> list[str]:
+    """`data.normalization`: "auto", one scheme for every channel, or one per channel ("zscore,percentile")."""
     setting = data_config.normalization
-    if isinstance(setting, str):
-        if setting == "auto":
-            return [channel_scheme(channel_names[c]) for c in sorted(channel_names)]
-        schemes = [setting] * len(channel_names)
-    else:
-        schemes = list(setting)
-        if len(schemes) != len(channel_names):
-            raise MedsegError(f"config key 'data.normalization': {len(schemes)} schemes given for "
-                              f"{len(channel_names)} channels")
+    schemes = [v.strip() for v in setting.split(",")] if isinstance(setting, str) else [str(v) for v in setting]
+    if schemes == ["auto"]:
+        return [channel_scheme(channel_names[c]) for c in sorted(channel_names)]
+    if len(schemes) == 1:
+        schemes = schemes * len(channel_names)
+    if len(schemes) != len(channel_names):
+        raise MedsegError(f"config key 'data.normalization': {len(schemes)} schemes given for {len(channel_names)} "
+                          "channels")
     for scheme in schemes:
         if scheme not in SCHEMES:
             raise MedsegError(f"config key 'data.normalization': unknown scheme '{scheme}' (known: auto, "

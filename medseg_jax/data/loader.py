@@ -97,6 +97,14 @@ def local_indices(batch_size: int, process_index: int, process_count: int) -> ra
     return range(process_index * per, (process_index + 1) * per)
 
 
+def _parse_absl_flags() -> None:
+    """grain's worker processes read absl flags; outside an absl app they are unparsed (defaults are what we want)."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
 def make_dataset(sampler: PatchSampler, num_steps: int, *, workers: int = 0, threads: int = 2,
                  prefetch_batches: int = 2) -> grain.IterDataset:
     """The grain pipeline over steps [0, num_steps): one element per step (this process's samples stacked).
@@ -110,6 +118,7 @@ def make_dataset(sampler: PatchSampler, num_steps: int, *, workers: int = 0, thr
     buffer = max(1, prefetch_batches * per)
     iter_dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=buffer))
     if workers > 0:
+        _parse_absl_flags()
         iter_dataset = iter_dataset.mp_prefetch(grain.MultiprocessingOptions(
             num_workers=workers, per_worker_buffer_size=max(1, prefetch_batches * per // workers)))
     return iter_dataset.batch(per, drop_remainder=True, batch_fn=_stack)
