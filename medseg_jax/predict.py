@@ -21,6 +21,8 @@ from medseg_jax.io import layout, nifti
 
 
 def output_name(case_id: str, paths) -> str:
+    if Path(paths[0]).is_dir():  # a DICOM series: the prediction is NIfTI in the series' geometry
+        return case_id + ".nii.gz"
     if len(paths) == 1:
         return Path(paths[0]).name
     name = Path(paths[0]).name

@@ -114,3 +114,19 @@ def test_evaluate_errors(tiny_dataset, tmp_path):
     with pytest.raises(MedsegError, match="no prediction"):
         evaluate(preds, tiny_dataset / "labelsTs", tmp_path / "eval")
     assert not (tmp_path / "eval").exists()
+
+
+def test_dicom_series_input_predicts_like_its_nifti(tiny_run, tiny_dataset, tmp_path):
+    from medseg_jax.io import dicom
+
+    source = sorted((tiny_dataset / "imagesTs").glob("*.nii.gz"))[0]
+    image = nib.load(source)
+    volume = np.rint(np.asarray(image.dataobj)).astype(np.int16)
+    nib.save(nib.Nifti1Image(volume.astype(np.float32), image.affine), tmp_path / "scan.nii.gz")
+    dicom.write_series(tmp_path / "series" / "scan", volume, image.affine)
+    predict(tiny_run, tmp_path / "scan.nii.gz", tmp_path / "from_nifti")
+    result = predict(tiny_run, tmp_path / "series", tmp_path / "from_dicom")
+    assert result["written"] == [str(tmp_path / "from_dicom" / "scan.nii.gz")]
+    a, b = nib.load(tmp_path / "from_nifti" / "scan.nii.gz"), nib.load(tmp_path / "from_dicom" / "scan.nii.gz")
+    assert np.allclose(a.affine, b.affine, atol=1e-4)
+    assert np.array_equal(np.asarray(a.dataobj), np.asarray(b.dataobj))

@@ -98,11 +98,20 @@ def list_nifti_inputs(path: str | os.PathLike) -> list[tuple[str, tuple[Path, ..
 
     A single .nii/.nii.gz file is one case. In a folder (not recursive), nnU-Net's `_0000`, `_0001`, ... suffixes group
     files into one multi-channel case; plain names are single-channel cases. Every case must have the same number of
-    channels, numbered from _0000 without gaps.
+    channels, numbered from _0000 without gaps. A DICOM series folder is one case named after the folder; a folder of
+    DICOM series folders (and no NIfTI files) is one case per series.
     """
+    from medseg_jax.io.dicom import is_dicom_series
+
     path = Path(path)
     if not path.exists():
         raise MedsegError(f"{path}: not found")
+    if path.is_dir() and is_dicom_series(path):
+        return [(path.name, (path,))]
+    if path.is_dir() and not any(_strip_nifti_ending(f.name) for f in path.iterdir() if f.is_file()):
+        series = sorted(d for d in path.iterdir() if d.is_dir() and not d.name.startswith(".") and is_dicom_series(d))
+        if series:
+            return [(d.name, (d,)) for d in series]
     if path.is_file():
         if _strip_nifti_ending(path.name) is None:
             raise MedsegError(f"{path}: not a NIfTI file (expected .nii or .nii.gz)")
