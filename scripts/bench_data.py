@@ -1,7 +1,7 @@
 """Data-engine benchmark: `medseg prepare` throughput and patch streaming from a prepared store, in one run.
 
-    .venv/bin/python scripts/bench_data.py                 # full run: 8 demo cases, ~1 GB and ~4 GB stores, 10 s each
-    .venv/bin/python scripts/bench_data.py --quick         # smoke run (< 1 min): 2 cases, ~50 MB and ~200 MB stores
+    .venv/bin/python scripts/bench_data.py                 # full run (~5 min): 8 demo cases, ~1 GB and ~4 GB stores
+    .venv/bin/python scripts/bench_data.py --quick         # smoke run (~1 min): 2 cases, ~50 MB and ~200 MB stores
     .venv/bin/python scripts/bench_data.py --write         # also put the results into BENCHMARKS.md
 
 What it measures:
@@ -19,10 +19,13 @@ What it measures:
    For each store, patch size (64^3, 128^3; float32, 1 channel) and loader worker count (0: in-process reader threads;
    1, 2: grain mp_prefetch processes) the `loader.make_dataset` pipeline over a `PatchSampler` (batch 2, foreground
    oversampling 0.33) is iterated: the first batch and a warm-up period are discarded (worker start, buffers filling),
-   then batch elements are counted for a fixed time -> patches/s. A thread samples memory every 20 ms during the timed
-   period over this process and all its children: the peak of the summed RSS and of the summed PSS (proportional set
-   size: shared pages split between the processes that map them, so nothing is counted twice). The main process's RSS
-   just before the loader starts is reported too. Each iterator is closed afterwards so its worker processes exit.
+   then batch elements are counted for a fixed time -> patches/s. Each configuration runs in a fresh spawned process
+   (the "loader process", as a training process would hold the loader), so memory left over from building stores or
+   from earlier configurations does not blur the comparison between stores. A thread samples memory every 20 ms during
+   the timed period over the loader process and all its children (grain workers): the peak of the summed RSS and of
+   the summed PSS (proportional set size: shared pages split between the processes that map them, so nothing is
+   counted twice). The loader process's RSS just before the loader starts is reported too. Each iterator is closed
+   afterwards, and the script checks that its worker processes have exited.
 
 The goal being checked (the data-engine issue): >= 50 patches/s of 128^3 from a warm page cache on a 2-core machine,
 and peak RSS while streaming under 1.5 GB and not growing from the 1 GB store to the 4 GB store.
@@ -33,9 +36,10 @@ Everything is written under --workdir (default /tmp/medseg_bench_data), removed 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import datetime
 import importlib.metadata
-import json
+import multiprocessing
 import os
 import platform
 import re
@@ -49,11 +53,11 @@ from pathlib import Path
 
 import numpy as np
 import psutil
-from scipy import ndimage
-from tqdm.auto import tqdm
 
+# Only what a loader process needs is imported here: spawned processes (each configuration's loader process and grain's
+# workers) re-import this module, and heavier imports (scipy, phantoms, prepare) would inflate their memory figures.
 from medseg_jax import fileio
-from medseg_jax.data import fingerprint, loader, phantoms, prepare
+from medseg_jax.data import loader
 from medseg_jax.data import store as store_lib
 
 REPO = Path(__file__).resolve().parent.parent
@@ -127,6 +131,8 @@ class PrepareResult:
 
 
 def bench_prepare(workdir: Path, num_cases: int, worker_counts=(1, 2)) -> list[PrepareResult]:
+    from medseg_jax.data import fingerprint, phantoms, prepare
+
     source = workdir / "demo_ct"
     print(f"writing {num_cases} demo CT cases to {source}")
     phantoms.write_demo_dataset(source, "ct", num_train=num_cases, num_test=0, seed=0)
@@ -144,10 +150,12 @@ def bench_prepare(workdir: Path, num_cases: int, worker_counts=(1, 2)) -> list[P
 
 def smooth_volume(shape, rng: np.random.Generator) -> np.ndarray:
     """Smooth random float32 volume (zero mean, unit std): a few octaves of upsampled noise, like soft tissue."""
+    from scipy import ndimage
+
     volume = np.zeros(shape, np.float32)
     for factor, weight in ((32, 1.0), (8, 0.5), (2, 0.25)):
         coarse = rng.standard_normal([-(-s // factor) + 1 for s in shape]).astype(np.float32)
-        fine = ndimage.zoom(coarse, factor, order=3 if factor > 2 else 1, prefilter=False)
+        fine = ndimage.zoom(coarse, factor, order=1)  # trilinear: fast, smooth enough
         volume += weight * fine[tuple(slice(0, s) for s in shape)]
     volume -= volume.mean()
     volume /= volume.std()
@@ -182,10 +190,14 @@ def case_meta(case_id: str, shape, label: np.ndarray, offsets: dict) -> dict:
     }
 
 
-def build_synthetic_store(root: Path, target_bytes: int, seed: int = 0) -> int:
-    """Writes cases into a new store at `root` until it takes `target_bytes` on disk; returns the case count."""
+def build_synthetic_store(root: Path, target_bytes: int, base: np.ndarray, seed: int = 0) -> int:
+    """Writes cases made from `base` (shifted, plus noise) into a new store at `root` until it takes `target_bytes`
+    on disk; returns the case count."""
+    from tqdm.auto import tqdm
+
+    from medseg_jax.data import prepare
+
     rng = np.random.default_rng(seed)
-    base = smooth_volume(CASE_SHAPE, rng)
     base_label = blob_label(base)
     store_lib.create_root(root)
     plan = {"normalization": [{"scheme": "none"}], "labels": {"0": "background", "1": "a", "2": "b"},
@@ -267,17 +279,19 @@ class StreamResult:
     workers: int
     patches_per_s: float
     first_batch_s: float
-    main_rss_before: int
+    rss_before: int
     peak_rss: int
     peak_pss: int
+    left_running: list[int]  # loader worker pids still alive 5 s after the iterator was closed (should be none)
 
 
 def bench_stream(root: Path, store_bytes: int, patch: int, workers: int, warmup_s: float,
                  seconds: float) -> StreamResult:
+    """One configuration, measured in the calling process (run it with `run_isolated`)."""
     store = store_lib.Store(root)
     sampler = loader.PatchSampler(store, store.case_ids, (patch,) * 3, batch_size=BATCH_SIZE, oversample=OVERSAMPLE,
                                   seed=0)
-    main_rss_before = psutil.Process().memory_info().rss
+    rss_before = psutil.Process().memory_info().rss
     dataset = loader.make_dataset(sampler, num_steps=10**7, workers=workers)
     iterator = iter(dataset)
     try:
@@ -298,18 +312,38 @@ def bench_stream(root: Path, store_bytes: int, patch: int, workers: int, warmup_
         if close is not None:
             close()  # stops grain's threads and worker processes
     return StreamResult(root.name, store_bytes, len(store.case_ids), patch, workers, count / (now - start),
-                        first_batch_s, main_rss_before, memory.peak_rss, memory.peak_pss)
+                        first_batch_s, rss_before, memory.peak_rss, memory.peak_pss, live_children())
 
 
-def wait_for_children(timeout: float = 10.0) -> list[psutil.Process]:
-    """Waits for worker processes to exit after an iterator was closed; returns those still alive."""
+def _is_helper(proc: psutil.Process) -> bool:
+    """multiprocessing's resource tracker: one per process tree, lives as long as its parent (not a worker)."""
+    try:
+        return "resource_tracker" in " ".join(proc.cmdline())
+    except psutil.Error:
+        return True
+
+
+def live_children(timeout: float = 5.0) -> list[int]:
+    """Waits up to `timeout` s for this process's children (other than helpers) to exit; returns the pids left."""
     deadline = time.monotonic() + timeout
     while True:
-        alive = [p for p in psutil.Process().children(recursive=True) if p.is_running()
-                 and p.status() != psutil.STATUS_ZOMBIE]
+        alive = []
+        for proc in psutil.Process().children(recursive=True):
+            try:
+                if proc.status() != psutil.STATUS_ZOMBIE and not _is_helper(proc):
+                    alive.append(proc.pid)
+            except psutil.Error:
+                pass
         if not alive or time.monotonic() > deadline:
             return alive
         time.sleep(0.1)
+
+
+def run_isolated(fn, *args):
+    """fn(*args) in a fresh spawned process (no memory left over from store building or earlier configurations)."""
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        return pool.submit(fn, *args).result()
 
 
 # --- report ---------------------------------------------------------------------------------------------------------
@@ -325,8 +359,8 @@ def goals(streams: list[StreamResult]) -> list[str]:
         lines.append(f"throughput, 128³, {human(best.store_bytes)} store: best {best.patches_per_s:.1f} patches/s "
                      f"({best.workers} workers) — goal ≥ {GOAL_PATCHES_PER_S:.0f}: {'met' if met else 'NOT met'}")
     worst = max(streams, key=lambda s: s.peak_rss)
-    lines.append(f"peak RSS while streaming: at most {human(worst.peak_rss)} ({worst.patch}³, {worst.workers} workers, "
-                 f"{human(worst.store_bytes)} store) — goal < {human(GOAL_PEAK_RSS)}: "
+    lines.append(f"peak RSS while streaming: at most {human(worst.peak_rss)} ({worst.patch}³, {worst.workers} "
+                 f"workers, {human(worst.store_bytes)} store) — goal < {human(GOAL_PEAK_RSS)}: "
                  f"{'met' if worst.peak_rss < GOAL_PEAK_RSS else 'NOT met'}")
     growths = []
     for s in streams:
@@ -361,24 +395,28 @@ def report(prepares: list[PrepareResult], streams: list[StreamResult], num_cases
         "| --- | --- | --- | --- | --- |",
     ]
     for p in prepares:
-        lines.append(f"| {p.workers} | {p.cases} | {p.seconds:.1f} s | {p.cases_per_min:.0f} | {human(p.store_bytes)} |")
+        lines.append(f"| {p.workers} | {p.cases} | {p.seconds:.1f} s | {p.cases_per_min:.0f} "
+                     f"| {human(p.store_bytes)} |")
     lines += [
         "",
         f"Patch streaming: synthetic stores of {CASE_SHAPE[0]}×{CASE_SHAPE[1]}×{CASE_SHAPE[2]}×1 float32 cases "
         f"({'×'.join(map(str, CHUNK_SHAPE))} zstd chunks), WARM page cache (every file read once before timing); "
         f"`make_dataset` over `PatchSampler` (batch {BATCH_SIZE}, oversample {OVERSAMPLE}); first batch and "
-        f"{warmup_s:g} s discarded, then {seconds:g} s counted. Memory: peaks over the main process and all its "
-        f"children, sampled every {SAMPLE_INTERVAL_S * 1000:.0f} ms during the counted period.",
+        f"{warmup_s:g} s discarded, then {seconds:g} s counted. Each configuration runs in a fresh process; RSS "
+        f"before: that process just before the loader starts; peaks: summed over it and its children (grain "
+        f"workers), sampled every {SAMPLE_INTERVAL_S * 1000:.0f} ms during the counted period.",
         "",
-        "| store on disk | cases | patch | workers | patches/s | first batch | main RSS before | peak RSS (sum) "
+        "| store on disk | cases | patch | workers | patches/s | first batch | RSS before | peak RSS (sum) "
         "| peak PSS (sum) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for s in streams:
         lines.append(f"| {human(s.store_bytes)} | {s.cases} | {s.patch}³ | {s.workers} | {s.patches_per_s:.1f} "
-                     f"| {s.first_batch_s:.1f} s | {human(s.main_rss_before)} | {human(s.peak_rss)} "
+                     f"| {s.first_batch_s:.1f} s | {human(s.rss_before)} | {human(s.peak_rss)} "
                      f"| {human(s.peak_pss)} |")
-    lines += ["", "Goals (data-engine issue):", ""] + [f"- {line}" for line in goals(streams)]
+    leaked = sorted({pid for s in streams for pid in s.left_running})
+    lines += ["", f"Worker processes still running 5 s after `close()`: {leaked or 'none'}.",
+              "", "Goals (data-engine issue):", ""] + [f"- {line}" for line in goals(streams)]
     return "\n".join(lines) + "\n"
 
 
@@ -398,18 +436,20 @@ def write_section(path: Path, section: str) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: 2 demo cases, ~50 MB and ~200 MB stores, 1 s warm-up, 2 s per config")
+    parser.add_argument("--quick", action="store_true", help="smoke run (~1 min): 2 demo cases, ~50 MB and ~200 MB "
+                        "stores, 0.25 s warm-up, 1.5 s counted per config")
     parser.add_argument("--write", action="store_true", help=f"put the results into BENCHMARKS.md ('{SECTION}')")
-    parser.add_argument("--seconds", type=float, default=None, help="counted seconds per config (10; --quick: 2)")
-    parser.add_argument("--warmup", type=float, default=None, help="warm-up seconds per config (2; --quick: 1)")
+    parser.add_argument("--seconds", type=float, default=None, help="counted seconds per config (10; --quick: 1.5)")
+    parser.add_argument("--warmup", type=float, default=None,
+                        help="seconds discarded after the first batch, per config (2; --quick: 0.25)")
     parser.add_argument("--cases", type=int, default=None, help="demo cases to prepare (8; --quick: 2)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/medseg_bench_data"),
                         help="where the datasets and stores go (default: %(default)s)")
     parser.add_argument("--keep", action="store_true", help="keep --workdir at the end")
     args = parser.parse_args(argv)
-    seconds = args.seconds or (2.0 if args.quick else 10.0)
-    warmup_s = args.warmup if args.warmup is not None else (1.0 if args.quick else 2.0)
+    # --quick: 12 streaming configurations, each in a fresh process (~1.5 s to start, ~1 s more for grain workers)
+    seconds = args.seconds or (1.5 if args.quick else 10.0)
+    warmup_s = args.warmup if args.warmup is not None else (0.25 if args.quick else 2.0)
     num_cases = args.cases or (2 if args.quick else 8)
     store_targets = (50 * MB, 200 * MB) if args.quick else (1 * GB, 4 * GB)
 
@@ -429,23 +469,26 @@ def main(argv=None) -> int:
                   f"cases/min; store {human(p.store_bytes)}")
 
         streams: list[StreamResult] = []
-        for target in store_targets:
+        base = smooth_volume(CASE_SHAPE, np.random.default_rng(0))
+        for index, target in enumerate(store_targets):
             root = workdir / f"synthetic_{human(target).replace(' ', '')}"
-            build_synthetic_store(root, int(target))
+            build_synthetic_store(root, int(target), base, seed=index)
             store_bytes = disk_bytes(root)
             read = warm_page_cache(root)
             print(f"{root.name}: {human(store_bytes)} on disk, {human(read)} read to warm the page cache")
             for patch in PATCH_SIZES:
                 for workers in WORKER_COUNTS:
-                    result = bench_stream(root, store_bytes, patch, workers, warmup_s, seconds)
+                    result = run_isolated(bench_stream, root, store_bytes, patch, workers, warmup_s, seconds)
                     streams.append(result)
                     print(f"  {patch}³, {workers} workers: {result.patches_per_s:.1f} patches/s, first batch "
                           f"{result.first_batch_s:.1f} s, peak RSS {human(result.peak_rss)}, peak PSS "
                           f"{human(result.peak_pss)}", flush=True)
-                    left = wait_for_children()
-                    if left:
-                        print(f"  warning: {len(left)} child processes still running after close: "
-                              f"{[p.pid for p in left]}", file=sys.stderr)
+                    if result.left_running:
+                        print(f"  warning: loader processes {result.left_running} still running 5 s after close",
+                              file=sys.stderr)
+        left = live_children()
+        if left:
+            print(f"warning: child processes {left} still running at the end", file=sys.stderr)
     finally:
         if args.keep:
             print(f"kept {workdir}")
