@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from medseg_jax.io import nifti
 from medseg_jax.io.layout import Case, check_declared_labels
@@ -30,8 +29,3 @@ def load_case(case: Case, declared_labels: Sequence[int] | None = None) -> Loade
             check_declared_labels(label, declared_labels, case.label_path)
     return LoadedCase(case.case_id, image, label, geometry)
 
-
-def load_cases(cases: Sequence[Case], declared_labels: Sequence[int] | None = None,
-               desc: str = "loading cases") -> list[LoadedCase]:
-    """Loads every case; any bad case stops everything with one line naming its file (nothing written yet)."""
-    return [load_case(case, declared_labels) for case in tqdm(cases, desc=desc, unit="case", leave=False)]

@@ -18,7 +18,6 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import multiprocessing
-import os
 import shutil
 from pathlib import Path
 from typing import Sequence
@@ -257,6 +256,3 @@ def format_plan(plan: dict) -> str:
     shape = "x".join(str(v) for v in plan.get("median_shape_after_resampling", []))
     return f"target spacing {spacing} mm, median shape {shape}, normalisation {norms}"
 
-
-def default_workers() -> int:
-    return max(1, min(4, (os.cpu_count() or 1)))

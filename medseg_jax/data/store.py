@@ -73,7 +73,6 @@ def create_root(path: Path) -> None:
 
 def _array_spec(path: Path, shape: Sequence[int], dtype: str, inner_chunk: Sequence[int]) -> dict:
     inner = [max(1, min(int(c), int(s))) for c, s in zip(inner_chunk, shape)] + [int(s) for s in shape[len(inner_chunk):]]
-    inner = [max(1, c) for c in inner]
     shard = [max(1, -(-int(s) // c) * c) for s, c in zip(shape, inner)]  # whole array in one shard file
     return {
         "driver": "zarr3",

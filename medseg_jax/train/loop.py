@@ -227,6 +227,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, resume: bool =
     last_loss = float("nan")
     train_seconds = 0.0
     original_dice: dict = {}
+
+    def export_final(case, logits):
+        original_dice[case.case_id] = export_validation(store, run, case, logits)
+
     progress = tqdm(range(start_step, end_step), initial=start_step, total=total_steps, desc="training",
                     unit="step", dynamic_ncols=True, disable=jax.process_index() != 0)
     step_started = time.time()
@@ -244,11 +248,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, resume: bool =
             log.write(record)
         if val_cases and (done % config.train.val_every == 0 or done == total_steps):
             train_seconds += time.time() - step_started
-            export = None
-            if done == total_steps and jax.process_index() == 0:
-                def export(case, logits):
-                    original_dice[case.case_id] = export_validation(store, run, case, logits)
-            result = evaluate_cases(forward, state.params, val_cases, config, num_classes, on_logits=export)
+            final = done == total_steps and jax.process_index() == 0
+            result = evaluate_cases(forward, state.params, val_cases, config, num_classes,
+                                    on_logits=export_final if final else None)
             log.write({"kind": "val", "step": done, **result})
             best_dice = result["val_dice"] if np.isnan(best_dice) else max(best_dice, result["val_dice"])
             runs.save_checkpoint(best, done, state.to_dict(), metrics={"val_dice": result["val_dice"]})
