@@ -15,14 +15,19 @@ import pytest  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
+def rotation(axis, degrees) -> np.ndarray:
+    """The 3x3 rotation by `degrees` about `axis` (Rodrigues' formula)."""
+    axis = np.asarray(axis, dtype=np.float64)
+    axis = axis / np.linalg.norm(axis)
+    angle = np.deg2rad(degrees)
+    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    return np.eye(3) + np.sin(angle) * k + (1 - np.cos(angle)) * k @ k
+
+
 def oblique_lps_affine(spacing=(2.0, 2.0, 3.0), degrees=12.0, origin=(10.0, -20.0, 5.0)) -> np.ndarray:
     """An LPS-ordered grid rotated by `degrees` about an oblique axis."""
-    axis = np.array([1.0, 2.0, 3.0]) / np.linalg.norm([1.0, 2.0, 3.0])
-    theta = np.deg2rad(degrees)
-    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
-    rotation = np.eye(3) + np.sin(theta) * k + (1 - np.cos(theta)) * k @ k
     affine = np.eye(4)
-    affine[:3, :3] = rotation @ np.diag([-1.0, -1.0, 1.0]) @ np.diag(spacing)
+    affine[:3, :3] = rotation([1.0, 2.0, 3.0], degrees) @ np.diag([-1.0, -1.0, 1.0]) @ np.diag(spacing)
     affine[:3, 3] = origin
     return affine
 

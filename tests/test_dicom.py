@@ -13,16 +13,9 @@ from pydicom.uid import JPEG2000Lossless, generate_uid
 
 from medseg_jax.errors import MedsegError
 from medseg_jax.io import dicom, nifti
+from tests.conftest import rotation
 
 SHAPE = (7, 6, 5)  # columns, rows, slices: all different, so a swapped or flipped axis cannot pass
-
-
-def _rotation(axis, degrees):
-    axis = np.asarray(axis, dtype=np.float64)
-    axis /= np.linalg.norm(axis)
-    angle = np.deg2rad(degrees)
-    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
-    return np.eye(3) + np.sin(angle) * k + (1 - np.cos(angle)) * k @ k
 
 
 def _axial_affine():
@@ -36,7 +29,7 @@ def _axial_affine():
 def _oblique_affine():
     """Rotated 20 degrees about x and then 20 degrees about z, anisotropic spacing (0.8, 0.8, 2.5)."""
     affine = np.eye(4)
-    affine[:3, :3] = _rotation([0, 0, 1], 20) @ _rotation([1, 0, 0], 20) @ np.diag([-0.8, -0.8, 2.5])
+    affine[:3, :3] = rotation([0, 0, 1], 20) @ rotation([1, 0, 0], 20) @ np.diag([-0.8, -0.8, 2.5])
     affine[:3, 3] = [-12.5, 30.25, 7.0]
     return affine
 

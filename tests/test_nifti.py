@@ -11,14 +11,7 @@ from nibabel import orientations
 
 from medseg_jax.errors import MedsegError
 from medseg_jax.io import nifti
-
-
-def _rotation(axis, degrees):
-    axis = np.asarray(axis, dtype=np.float64)
-    axis /= np.linalg.norm(axis)
-    angle = np.deg2rad(degrees)
-    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
-    return np.eye(3) + np.sin(angle) * k + (1 - np.cos(angle)) * k @ k
+from tests.conftest import rotation as rotate
 
 
 def _affine(axcodes, spacing=(0.8, 1.1, 2.5), rotation=None, offset=(-12.5, 30.25, 7.0)):
@@ -28,7 +21,7 @@ def _affine(axcodes, spacing=(0.8, 1.1, 2.5), rotation=None, offset=(-12.5, 30.2
     for array_axis, (world_axis, flip) in enumerate(ornt):
         linear[int(world_axis), array_axis] = flip * spacing[array_axis]
     if rotation is not None:
-        linear = _rotation(*rotation) @ linear
+        linear = rotate(*rotation) @ linear
     affine = np.eye(4)
     affine[:3, :3] = linear
     affine[:3, 3] = offset
