@@ -5,6 +5,8 @@ Run: medseg train --config experiments/demo.py --workdir runs/my_run --config.da
 
 import ml_collections
 
+from medseg_jax.augment.pipeline import augment_config
+
 
 def get_config():
     config = ml_collections.ConfigDict()
@@ -45,8 +47,10 @@ def get_config():
     config.loss.ce_weight = 1.0
     config.loss.batch_dice = True  # Dice over the whole batch: steadier for small structures
 
-    config.augment = ml_collections.ConfigDict()
-    config.augment.preset = "intensity"
+    # Every parameter of the preset, overridable: --config.augment.p_rotation=0.2 (see medseg_jax/augment/pipeline.py).
+    # The demo uses brightness, contrast and noise only: mirroring would swap liver and spleen sides on a CPU budget too
+    # small to learn laterality from other context. Real runs: augment_config("nnunet").
+    config.augment = augment_config("intensity")
 
     config.train = ml_collections.ConfigDict()
     config.train.steps = 360

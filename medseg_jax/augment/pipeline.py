@@ -1,47 +1,106 @@
-"""Augmentation pipelines built from the experiment config.
+"""Augmentation pipelines built from a preset name or the experiment config's `augment` section.
 
-`make_pipeline(preset, patch_size)` returns `fn(key, image, label) -> (image, label)` on one sample
-(`image` (X, Y, Z, C) float32, `label` (X, Y, Z) int). Each sample draws its own parameters from its key, so the same key
-gives the same output, and the function runs under `jax.jit` and `jax.vmap`.
+`make_pipeline(preset_or_config, patch_size)` returns a `Pipeline`: `pipeline(key, image, label) -> (image, label)` on
+one sample (`image` (X, Y, Z, C) float32, `label` (X, Y, Z) int), pure JAX, run under `jax.vmap` inside the jitted train
+step. The input may be larger than `patch_size` — `pipeline.input_size` is what the loader should read (a margin so
+rotated corners are not empty) — and the output is `patch_size`. Each sample draws its own parameters from its key: the
+same key gives the same output.
 
-Presets so far: `none`, and `intensity` (multiplicative brightness, contrast and Gaussian noise: cheap, and
-orientation-preserving, which keeps left/right context such as liver vs spleen intact).
+Order (nnU-Net v2): one spatial resampling (rotation, scaling, elastic, mirroring), then intensity transforms (noise,
+blur, brightness, contrast, low resolution, gamma inverted and not).
+
+Presets: `none`; `intensity` (brightness, contrast, noise only: cheap and orientation-preserving, which keeps
+left/right context such as liver vs spleen; the CPU demo uses it); `nnunet` (nnU-Net v2's default transforms,
+probabilities and ranges). `augment_config(preset)` gives the full ConfigDict of a preset so that every parameter can be
+overridden (`--config.augment.p_rotation=0.5`).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import dataclasses
+from typing import Sequence
 
 import jax
-import jax.numpy as jnp
+import ml_collections
 
+from medseg_jax.augment.intensity import IntensityParams, intensity_transform
+from medseg_jax.augment.spatial import SpatialParams, center_crop, rotated_extent, spatial_transform
 from medseg_jax.errors import MedsegError
 
-PRESETS = ("none", "intensity")
+PRESETS = ("none", "intensity", "nnunet")
+
+_NO_SPATIAL = dict(p_rotation=0.0, p_scaling=0.0, p_elastic=0.0, p_mirror=0.0)
+_NO_INTENSITY = dict(p_noise=0.0, p_blur=0.0, p_brightness=0.0, p_contrast=0.0, p_low_resolution=0.0,
+                     p_gamma_inverted=0.0, p_gamma=0.0)
+_PRESET_VALUES = {
+    "none": {**_NO_SPATIAL, **_NO_INTENSITY},
+    "intensity": {**_NO_SPATIAL, **_NO_INTENSITY, "p_noise": 0.1, "p_brightness": 0.15, "p_contrast": 0.15},
+    "nnunet": {},  # the dataclass defaults are nnU-Net v2's
+}
 
 
-def _identity(key, image, label):
-    return image, label
+def augment_config(preset: str = "nnunet") -> ml_collections.ConfigDict:
+    """Every parameter of `preset` as a flat ConfigDict (`preset` plus the spatial and intensity fields)."""
+    if preset not in PRESETS:
+        raise MedsegError(f"config key 'augment.preset': unknown preset '{preset}' (known: {', '.join(PRESETS)})")
+    values = {f.name: f.default for f in dataclasses.fields(SpatialParams)}
+    values.update({f.name: f.default for f in dataclasses.fields(IntensityParams)})
+    values.update(_PRESET_VALUES[preset])
+    return ml_collections.ConfigDict({"preset": preset, **values})
 
 
-def _intensity(key, image, label):
-    brightness_key, contrast_key, noise_key, sigma_key, apply_key = jax.random.split(key, 5)
-    apply = jax.random.uniform(apply_key, (3,)) < jnp.array([0.15, 0.15, 0.1])  # nnU-Net's probabilities
-    brightness = jnp.where(apply[0], jax.random.uniform(brightness_key, (), minval=0.75, maxval=1.25), 1.0)
-    image = image * brightness
-    contrast = jnp.where(apply[1], jax.random.uniform(contrast_key, (), minval=0.75, maxval=1.25), 1.0)
-    mean = jnp.mean(image, axis=tuple(range(image.ndim - 1)), keepdims=True)
-    minimum = jnp.min(image, axis=tuple(range(image.ndim - 1)), keepdims=True)
-    maximum = jnp.max(image, axis=tuple(range(image.ndim - 1)), keepdims=True)
-    image = jnp.clip((image - mean) * contrast + mean, minimum, maximum)
-    sigma = jnp.where(apply[2], jax.random.uniform(sigma_key, (), minval=0.0, maxval=0.1), 0.0)
-    image = image + sigma * jax.random.normal(noise_key, image.shape, image.dtype)
-    return image, label
+def _params(config) -> tuple[SpatialParams, IntensityParams]:
+    def build(cls):
+        kwargs = {}
+        for field in dataclasses.fields(cls):
+            if field.name in config:
+                value = config[field.name]
+                kwargs[field.name] = tuple(value) if isinstance(value, (list, tuple)) else value
+        return cls(**kwargs)
+
+    return build(SpatialParams), build(IntensityParams)
 
 
-def make_pipeline(preset: str, patch_size: Sequence[int]) -> Callable:
-    if preset == "none":
-        return _identity
-    if preset == "intensity":
-        return _intensity
-    raise MedsegError(f"config key 'augment.preset': unknown preset '{preset}' (known: {', '.join(PRESETS)})")
+class Pipeline:
+    def __init__(self, spatial: SpatialParams, intensity: IntensityParams, patch_size: Sequence[int],
+                 num_classes: int | None = None, max_margin: float = 1.5):
+        self.spatial, self.intensity = spatial, intensity
+        self.patch_size = tuple(int(p) for p in patch_size)
+        self.num_classes = num_classes
+        self.has_spatial = any(p > 0 for p in (spatial.p_rotation, spatial.p_scaling, spatial.p_elastic,
+                                               spatial.p_mirror))
+        if spatial.label_interpolation not in ("nearest", "linear"):
+            raise MedsegError(f"config key 'augment.label_interpolation': '{spatial.label_interpolation}' is not "
+                              "nearest or linear")
+        size = self.patch_size
+        if spatial.p_rotation > 0 or spatial.p_scaling > 0:
+            extent = rotated_extent(self.patch_size, spatial.rotation_degrees if spatial.p_rotation > 0 else 0.0,
+                                    spatial.scaling[0] if spatial.p_scaling > 0 else 1.0)
+            # Capped (corners beyond the margin are filled with 0, as outside the volume), and with the patch's
+            # parity so the zero-strength transform is an exact centre crop.
+            size = tuple(min(e, int(max_margin * p)) for e, p in zip(extent, self.patch_size))
+            size = tuple(s + ((s - p) % 2) for s, p in zip(size, self.patch_size))
+        self.input_size = size
+
+    def __call__(self, key: jax.Array, image: jax.Array, label: jax.Array):
+        k_spatial, k_intensity = jax.random.split(key)
+        if self.has_spatial:
+            image, label = spatial_transform(k_spatial, image, label, self.patch_size, self.spatial, self.num_classes)
+        else:
+            image, label = center_crop(image, label, self.patch_size)
+        return intensity_transform(k_intensity, image, self.intensity), label
+
+
+def make_pipeline(preset_or_config, patch_size: Sequence[int], num_classes: int | None = None) -> Pipeline:
+    """A pipeline from a preset name or an `augment` ConfigDict (a `preset` key plus any parameter overrides)."""
+    if isinstance(preset_or_config, str):
+        config = augment_config(preset_or_config)
+    else:
+        config = augment_config(preset_or_config.get("preset", "nnunet"))
+        known = set(config.keys())
+        for key, value in preset_or_config.items():
+            if key not in known:
+                raise MedsegError(f"config key 'augment.{key}': unknown augmentation parameter")
+            config[key] = value
+    spatial, intensity = _params(config)
+    return Pipeline(spatial, intensity, patch_size, num_classes)

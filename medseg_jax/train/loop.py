@@ -195,7 +195,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, resume: bool =
     state = step_lib.create_train_state(model, tx, (1, *patch, num_channels), init_key, mesh)
 
     total_steps = config.train.steps
-    sampler = loader.PatchSampler(store, train_ids, patch, config.train.batch_size,
+    augment_fn = augment.make_pipeline(config.augment, patch, num_classes)
+    # The sampler reads the pipeline's input size: a margin around the patch so rotated corners are not empty.
+    sampler = loader.PatchSampler(store, train_ids, augment_fn.input_size, config.train.batch_size,
                                   config.data.oversample_foreground, config.seed,
                                   loader.local_indices(config.train.batch_size, jax.process_index(),
                                                        jax.process_count()))
@@ -215,7 +217,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, resume: bool =
         print(f"resumed from step {start_step}")
     log = MetricsLog(run, keep_until_step=start_step if resume else None)
 
-    augment_fn = augment.make_pipeline(config.augment.preset, patch)
     train_step = step_lib.make_train_step(model, tx, step_lib.make_loss_fn(config.loss), augment_fn, schedule, mesh,
                                           state)
     forward = step_lib.make_forward(model, mesh)

@@ -1,0 +1,145 @@
+"""On-device augmentation: determinism per key, label values, identity at zero strength, inverse rotation, noise
+statistics, jit + vmap, and use inside training."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from medseg_jax.augment import intensity, spatial
+from medseg_jax.augment.pipeline import augment_config, make_pipeline
+from medseg_jax.errors import MedsegError
+
+PATCH = (24, 20, 16)
+
+
+def smooth_sample(shape, seed=0, num_classes=4):
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij"), -1)
+    rng = np.random.default_rng(seed)
+    image = np.zeros(shape, np.float32)
+    label = np.zeros(shape, np.int32)
+    for k in range(1, num_classes):
+        centre = rng.uniform(-0.4, 0.4, 3)
+        radius = rng.uniform(0.25, 0.45)
+        blob = np.exp(-((grid - centre) ** 2).sum(-1) / (2 * radius ** 2))
+        image += k * blob
+        label[blob > 0.6] = k
+    return jnp.asarray(image[..., None]), jnp.asarray(label)
+
+
+def run(pipeline, key, image, label):
+    return jax.jit(jax.vmap(pipeline))(key[None], image[None], label[None])
+
+
+def test_same_key_same_output_other_key_differs_under_jit_and_vmap():
+    pipeline = make_pipeline(augment_config("nnunet"), PATCH, num_classes=4)
+    image, label = smooth_sample(pipeline.input_size)
+    batch_i, batch_l = jnp.stack([image] * 3), jnp.stack([label] * 3)
+    keys = jax.random.split(jax.random.key(7), 3)
+    fn = jax.jit(jax.vmap(pipeline))
+    a, b = fn(keys, batch_i, batch_l), fn(keys, batch_i, batch_l)
+    assert a[0].shape == (3, *PATCH, 1) and a[1].shape == (3, *PATCH)
+    np.testing.assert_array_equal(np.asarray(a[0]), np.asarray(b[0]))
+    # Each sample draws its own parameters: over 3 keys the outputs differ.
+    assert not np.array_equal(np.asarray(a[0][0]), np.asarray(a[0][1]))
+    single = jax.jit(pipeline)(keys[1], image, label)
+    np.testing.assert_allclose(np.asarray(single[0]), np.asarray(a[0][1]), atol=1e-5)
+
+
+@pytest.mark.parametrize("label_interpolation", ["nearest", "linear"])
+def test_labels_only_take_values_present_before(label_interpolation):
+    config = augment_config("nnunet")
+    config.update(p_rotation=1.0, p_scaling=1.0, p_elastic=1.0, label_interpolation=label_interpolation)
+    pipeline = make_pipeline(config, PATCH, num_classes=4)
+    image, label = smooth_sample(pipeline.input_size, num_classes=3)  # values 0, 1, 2 only
+    keys = jax.random.split(jax.random.key(0), 4)
+    _, out = jax.jit(jax.vmap(pipeline))(keys, jnp.stack([image] * 4), jnp.stack([label] * 4))
+    assert set(np.unique(np.asarray(out))) <= {0, 1, 2}
+    assert len(np.unique(np.asarray(out))) == 3
+
+
+def test_identity_at_zero_strength_is_the_centre_crop():
+    config = augment_config("nnunet")
+    config.update(p_rotation=1.0, rotation_degrees=0.0, p_scaling=1.0, scaling=(1.0, 1.0), p_elastic=1.0,
+                  elastic_magnitude=0.0, p_mirror=0.0, p_noise=1.0, noise_sigma=(0.0, 0.0), p_blur=0.0,
+                  p_brightness=1.0, brightness=(1.0, 1.0), p_contrast=1.0, contrast=(1.0, 1.0), p_low_resolution=1.0,
+                  p_low_resolution_per_channel=1.0, low_resolution_zoom=(1.0, 1.0), p_gamma=1.0, p_gamma_inverted=1.0,
+                  gamma=(1.0, 1.0))
+    pipeline = make_pipeline(config, PATCH)
+    image, label = smooth_sample(tuple(p + m for p, m in zip(PATCH, (6, 4, 2))))  # a margin around the patch
+    out_image, out_label = run(pipeline, jax.random.key(3), image, label)
+    crop_image, crop_label = spatial.center_crop(image, label, PATCH)
+    np.testing.assert_array_equal(np.asarray(out_label[0]), np.asarray(crop_label))
+    np.testing.assert_allclose(np.asarray(out_image[0]), np.asarray(crop_image), atol=1e-4)
+    none = make_pipeline("none", PATCH)
+    out_image, out_label = run(none, jax.random.key(3), image[:24, :20, :16], label[:24, :20, :16])
+    np.testing.assert_array_equal(np.asarray(out_image[0]), np.asarray(image[:24, :20, :16]))
+
+
+def test_mirroring_flips_exactly():
+    config = augment_config("none")
+    config.update(p_mirror=1.0, mirror_axes=(0,))
+    pipeline = make_pipeline(config, PATCH)
+    image, label = smooth_sample(PATCH)
+    out_image, out_label = run(pipeline, jax.random.key(0), image, label)
+    np.testing.assert_allclose(np.asarray(out_image[0]), np.asarray(image)[::-1], atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(out_label[0]), np.asarray(label)[::-1])
+
+
+def test_rotating_by_theta_then_minus_theta_returns_a_smooth_image():
+    shape = (40, 40, 40)
+    image, label = smooth_sample(shape)
+    centre = (jnp.asarray(shape, jnp.float32) - 1) / 2
+    grid = jnp.stack(jnp.meshgrid(*[jnp.arange(s, dtype=jnp.float32) for s in shape], indexing="ij"))
+
+    def rotate(x, matrix):
+        coords = jnp.einsum("ij,j...->i...", matrix, grid - centre[:, None, None, None]) + centre[:, None, None, None]
+        return spatial.resample(x, label, coords, None, "nearest")[0]
+
+    matrix = spatial._rotation_matrix(jnp.asarray(np.deg2rad([20.0, -10.0, 15.0])))
+    there = rotate(image, matrix)
+    assert float(jnp.abs(there - image).max()) > 0.3  # it did rotate
+    back = rotate(there, matrix.T)  # rotation by -theta: the inverse (transpose) matrix
+    inner = (slice(10, 30),) * 3
+    error = float(jnp.abs(back[inner] - image[inner]).max())
+    assert error < 0.03 * float(image.max()), error
+
+
+def test_noise_statistics_match_the_parameter():
+    x = jnp.zeros((32, 32, 32, 1))
+    noisy = intensity.gaussian_noise(jax.random.key(0), x, 1.0, (0.2, 0.2))
+    assert float(noisy.mean()) == pytest.approx(0.0, abs=0.005)
+    assert float(noisy.std()) == pytest.approx(0.2, rel=0.02)
+    draws = [float(intensity.gaussian_noise(jax.random.key(i), x[:4, :4, :4], 0.1, (0.0, 0.1)).std() > 0)
+             for i in range(400)]
+    assert np.mean(draws) == pytest.approx(0.1, abs=0.04)
+
+
+def test_bg_contrast_draws_below_and_above_one_equally():
+    values = np.asarray(intensity.bg_contrast(jax.random.key(0), 0.75, 1.25, shape=(4000,)))
+    assert values.min() >= 0.75 and values.max() <= 1.25
+    assert np.mean(values < 1) == pytest.approx(0.5, abs=0.03)
+
+
+def test_unknown_parameter_and_preset_are_config_errors():
+    with pytest.raises(MedsegError, match="augment.preset"):
+        make_pipeline("fancy", PATCH)
+    config = augment_config("nnunet")
+    config.unlock()
+    config.p_rotate = 0.3
+    with pytest.raises(MedsegError, match="augment.p_rotate"):
+        make_pipeline(config, PATCH)
+
+
+def test_training_with_the_nnunet_preset_reads_a_margin(tiny_dataset, tmp_path):
+    from tests.conftest import tiny_config
+    from medseg_jax.train.loop import train
+
+    config = tiny_config(tiny_dataset, steps=2)
+    config.augment = augment_config("nnunet")
+    pipeline = make_pipeline(config.augment, config.train.patch_size)
+    assert all(i > p for i, p in zip(pipeline.input_size, config.train.patch_size))
+    summary = train(config, tmp_path / "run")
+    assert summary["steps"] == 2
