@@ -143,3 +143,59 @@ def test_training_with_the_nnunet_preset_reads_a_margin(tiny_dataset, tmp_path):
     assert all(i > p for i, p in zip(pipeline.input_size, config.train.patch_size))
     summary = train(config, tmp_path / "run")
     assert summary["steps"] == 2
+
+
+# --- modality artifacts ----------------------------------------------------------------------------------------------
+
+from medseg_jax.augment import artifacts  # noqa: E402
+
+
+def test_bias_field_and_rician_statistics_match_their_parameters():
+    ones = jnp.ones((32, 32, 24, 1))
+    biased = artifacts.bias_field(jax.random.key(1), ones, 1.0, (0.2, 0.2), grid=4)
+    log_field = np.log(np.asarray(biased))
+    assert log_field.std() == pytest.approx(0.2, rel=0.02) and abs(log_field.mean()) < 0.01
+    # smooth: neighbouring voxels differ far less than the field's spread
+    assert np.abs(np.diff(log_field, axis=0)).mean() < 0.1 * log_field.std() * 3
+    zeros = jnp.zeros((32, 32, 32, 1))
+    rician = np.asarray(artifacts.rician_noise(jax.random.key(2), zeros, 1.0, (0.1, 0.1)))
+    assert rician.min() >= 0 and rician.mean() == pytest.approx(0.1 * np.sqrt(np.pi / 2), rel=0.02)
+
+
+def test_speckle_keeps_the_mean_and_shadow_darkens_only_behind_reflectors():
+    image = jnp.ones((16, 24, 8, 1))
+    speckled = np.asarray(artifacts.speckle(jax.random.key(0), image, 1.0, (0.5, 0.5)))
+    assert speckled.mean() == pytest.approx(1.0, rel=0.02) and speckled.std() > 0.1
+    reflector = image.at[4:8, 10, :, 0].set(10.0)
+    shadowed = np.asarray(artifacts.acoustic_shadow(jax.random.key(0), reflector, 1.0, 98.0, (0.5, 0.5),
+                                                    depth_axis=1))
+    np.testing.assert_array_equal(shadowed[:, :11], np.asarray(reflector)[:, :11])
+    np.testing.assert_allclose(shadowed[4:8, 11:], 0.5)
+    np.testing.assert_array_equal(shadowed[:4, 11:], 1.0)
+
+
+@pytest.mark.parametrize("name", ["gibbs_ringing", "kspace_spike", "motion_ghosting", "calibration_shift",
+                                  "low_dose_noise", "attenuation"])
+def test_each_artifact_changes_the_image_deterministically(name):
+    image, _ = smooth_sample((16, 16, 12))
+    fn = {"gibbs_ringing": lambda k, x: artifacts.gibbs_ringing(k, x, 1.0, (0.5, 0.5)),
+          "kspace_spike": lambda k, x: artifacts.kspace_spike(k, x, 1.0, (0.1, 0.1)),
+          "motion_ghosting": lambda k, x: artifacts.motion_ghosting(k, x, 1.0, (0.5, 0.5), (2, 4)),
+          "calibration_shift": lambda k, x: artifacts.calibration_shift(k, x, 1.0, (0.1, 0.1), (1.0, 1.0)),
+          "low_dose_noise": lambda k, x: artifacts.low_dose_noise(k, x, 1.0, (0.1, 0.1)),
+          "attenuation": lambda k, x: artifacts.attenuation(k, x, 1.0, (1.0, 1.0), 0.0, 1)}[name]
+    out = jax.jit(fn)(jax.random.key(5), image)
+    again = jax.jit(fn)(jax.random.key(5), image)
+    assert out.shape == image.shape and np.all(np.isfinite(np.asarray(out)))
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(again))
+    assert float(jnp.abs(out - image).max()) > 1e-3
+
+
+@pytest.mark.parametrize("preset", ["mri_robust", "ct_robust", "us_robust"])
+def test_robust_presets_run_under_jit_and_vmap(preset):
+    config = augment_config(preset)
+    pipeline = make_pipeline(config, PATCH, num_classes=4)
+    image, label = smooth_sample(pipeline.input_size)
+    keys = jax.random.split(jax.random.key(0), 2)
+    out_image, out_label = jax.jit(jax.vmap(pipeline))(keys, jnp.stack([image] * 2), jnp.stack([label] * 2))
+    assert out_image.shape == (2, *PATCH, 1) and np.all(np.isfinite(np.asarray(out_image)))

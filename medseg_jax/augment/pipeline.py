@@ -6,12 +6,13 @@ step. The input may be larger than `patch_size` — `pipeline.input_size` is wha
 rotated corners are not empty) — and the output is `patch_size`. Each sample draws its own parameters from its key: the
 same key gives the same output.
 
-Order (nnU-Net v2): one spatial resampling (rotation, scaling, elastic, mirroring), then intensity transforms (noise,
-blur, brightness, contrast, low resolution, gamma inverted and not).
+Order: one spatial resampling (rotation, scaling, elastic, mirroring), then modality artifacts (`artifacts.py`), then
+nnU-Net v2's intensity transforms (noise, blur, brightness, contrast, low resolution, gamma inverted and not).
 
 Presets: `none`; `intensity` (brightness, contrast, noise only: cheap and orientation-preserving, which keeps
 left/right context such as liver vs spleen; the CPU demo uses it); `nnunet` (nnU-Net v2's default transforms,
-probabilities and ranges). `augment_config(preset)` gives the full ConfigDict of a preset so that every parameter can be
+probabilities and ranges); `mri_robust`, `ct_robust`, `us_robust` (`nnunet` plus that modality's artifacts; for
+ultrasound no mirroring along the beam). `augment_config(preset)` gives the full ConfigDict of a preset so that every parameter can be
 overridden (`--config.augment.p_rotation=0.5`).
 """
 
@@ -23,11 +24,12 @@ from typing import Sequence
 import jax
 import ml_collections
 
+from medseg_jax.augment.artifacts import ArtifactParams, artifact_transform
 from medseg_jax.augment.intensity import IntensityParams, intensity_transform
 from medseg_jax.augment.spatial import SpatialParams, center_crop, rotated_extent, spatial_transform
 from medseg_jax.errors import MedsegError
 
-PRESETS = ("none", "intensity", "nnunet")
+PRESETS = ("none", "intensity", "nnunet", "mri_robust", "ct_robust", "us_robust")
 
 _NO_SPATIAL = dict(p_rotation=0.0, p_scaling=0.0, p_elastic=0.0, p_mirror=0.0)
 _NO_INTENSITY = dict(p_noise=0.0, p_blur=0.0, p_brightness=0.0, p_contrast=0.0, p_low_resolution=0.0,
@@ -35,7 +37,10 @@ _NO_INTENSITY = dict(p_noise=0.0, p_blur=0.0, p_brightness=0.0, p_contrast=0.0, 
 _PRESET_VALUES = {
     "none": {**_NO_SPATIAL, **_NO_INTENSITY},
     "intensity": {**_NO_SPATIAL, **_NO_INTENSITY, "p_noise": 0.1, "p_brightness": 0.15, "p_contrast": 0.15},
-    "nnunet": {},  # the dataclass defaults are nnU-Net v2's
+    "nnunet": {},  # the dataclass defaults are nnU-Net v2's (artifacts off)
+    "mri_robust": {"p_bias_field": 0.3, "p_rician": 0.15, "p_gibbs": 0.1, "p_spike": 0.05, "p_ghosting": 0.1},
+    "ct_robust": {"p_calibration": 0.3, "p_low_dose": 0.2},
+    "us_robust": {"p_speckle": 0.3, "p_shadow": 0.15, "p_attenuation": 0.3, "mirror_axes": (0, 2)},
 }
 
 
@@ -45,11 +50,12 @@ def augment_config(preset: str = "nnunet") -> ml_collections.ConfigDict:
         raise MedsegError(f"config key 'augment.preset': unknown preset '{preset}' (known: {', '.join(PRESETS)})")
     values = {f.name: f.default for f in dataclasses.fields(SpatialParams)}
     values.update({f.name: f.default for f in dataclasses.fields(IntensityParams)})
+    values.update({f.name: f.default for f in dataclasses.fields(ArtifactParams)})
     values.update(_PRESET_VALUES[preset])
     return ml_collections.ConfigDict({"preset": preset, **values})
 
 
-def _params(config) -> tuple[SpatialParams, IntensityParams]:
+def _params(config) -> tuple[SpatialParams, IntensityParams, ArtifactParams]:
     def build(cls):
         kwargs = {}
         for field in dataclasses.fields(cls):
@@ -58,13 +64,14 @@ def _params(config) -> tuple[SpatialParams, IntensityParams]:
                 kwargs[field.name] = tuple(value) if isinstance(value, (list, tuple)) else value
         return cls(**kwargs)
 
-    return build(SpatialParams), build(IntensityParams)
+    return build(SpatialParams), build(IntensityParams), build(ArtifactParams)
 
 
 class Pipeline:
     def __init__(self, spatial: SpatialParams, intensity: IntensityParams, patch_size: Sequence[int],
-                 num_classes: int | None = None, max_margin: float = 1.5):
+                 num_classes: int | None = None, max_margin: float = 1.5, artifacts: ArtifactParams | None = None):
         self.spatial, self.intensity = spatial, intensity
+        self.artifacts = artifacts or ArtifactParams()
         self.patch_size = tuple(int(p) for p in patch_size)
         self.num_classes = num_classes
         self.has_spatial = any(p > 0 for p in (spatial.p_rotation, spatial.p_scaling, spatial.p_elastic,
@@ -83,11 +90,12 @@ class Pipeline:
         self.input_size = size
 
     def __call__(self, key: jax.Array, image: jax.Array, label: jax.Array):
-        k_spatial, k_intensity = jax.random.split(key)
+        k_spatial, k_artifacts, k_intensity = jax.random.split(key, 3)
         if self.has_spatial:
             image, label = spatial_transform(k_spatial, image, label, self.patch_size, self.spatial, self.num_classes)
         else:
             image, label = center_crop(image, label, self.patch_size)
+        image = artifact_transform(k_artifacts, image, self.artifacts)
         return intensity_transform(k_intensity, image, self.intensity), label
 
 
@@ -102,5 +110,5 @@ def make_pipeline(preset_or_config, patch_size: Sequence[int], num_classes: int 
             if key not in known:
                 raise MedsegError(f"config key 'augment.{key}': unknown augmentation parameter")
             config[key] = value
-    spatial, intensity = _params(config)
-    return Pipeline(spatial, intensity, patch_size, num_classes)
+    spatial, intensity, artifacts = _params(config)
+    return Pipeline(spatial, intensity, patch_size, num_classes, artifacts=artifacts)
