@@ -166,12 +166,14 @@ def test_speckle_keeps_the_mean_and_shadow_darkens_only_behind_reflectors():
     image = jnp.ones((16, 24, 8, 1))
     speckled = np.asarray(artifacts.speckle(jax.random.key(0), image, 1.0, (0.5, 0.5)))
     assert speckled.mean() == pytest.approx(1.0, rel=0.02) and speckled.std() > 0.1
-    reflector = image.at[4:8, 10, :, 0].set(10.0)
-    shadowed = np.asarray(artifacts.acoustic_shadow(jax.random.key(0), reflector, 1.0, 98.0, (0.5, 0.5),
-                                                    depth_axis=1))
-    np.testing.assert_array_equal(shadowed[:, :11], np.asarray(reflector)[:, :11])
-    np.testing.assert_allclose(shadowed[4:8, 11:], 0.5)
-    np.testing.assert_array_equal(shadowed[:4, 11:], 1.0)
+    reflector = image.at[4:8, 10:12, 2:6, 0].set(10.0)  # a small bright structure at depth 10-11
+    for reversed_ in (False, True):  # the beam enters at index 0, or at the far end of the depth axis
+        shadowed = np.asarray(artifacts.acoustic_shadow(jax.random.key(0), reflector, 1.0, 98.0, (0.5, 0.5),
+                                                        depth_axis=1, reversed_=reversed_))
+        before, after = (slice(0, 10), slice(13, 24)) if not reversed_ else (slice(13, 24), slice(0, 10))
+        np.testing.assert_array_equal(shadowed[:, before], np.asarray(reflector)[:, before])
+        np.testing.assert_allclose(shadowed[5:7, after, 3:5], 0.5)
+        np.testing.assert_array_equal(shadowed[:2, after], 1.0)
 
 
 @pytest.mark.parametrize("name", ["gibbs_ringing", "kspace_spike", "motion_ghosting", "calibration_shift",

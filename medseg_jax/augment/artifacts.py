@@ -42,7 +42,8 @@ class ArtifactParams:
     p_low_dose: float = 0.0
     low_dose_sigma: tuple[float, float] = (0.0, 0.15)
     # Ultrasound
-    depth_axis: int = 1  # canonical axis along which the beam travels (1: posterior -> anterior)
+    depth_axis: int = 1  # canonical axis along which the beam travels
+    depth_reversed: bool = True  # the probe sits at the high end of that axis (anterior in RAS: abdominal scanning)
     p_speckle: float = 0.0
     speckle_strength: tuple[float, float] = (0.1, 0.5)
     p_shadow: float = 0.0
@@ -150,21 +151,29 @@ def speckle(key, image, p, strength_range):
     return jnp.where(_coin(k_apply, p), image * ((1 - s) + s * rayleigh), image)
 
 
-def acoustic_shadow(key, image, p, percentile, factor_range, depth_axis: int):
-    """Beyond a strong reflector (above `percentile` of the sample) along the beam, intensity drops by `factor`."""
+def _along_beam(x, depth_axis: int, reversed_: bool):
+    return jnp.flip(x, axis=depth_axis) if reversed_ else x
+
+
+def acoustic_shadow(key, image, p, percentile, factor_range, depth_axis: int, reversed_: bool = False):
+    """Beyond a strong reflector along the beam, intensity drops by `factor`. Reflectors are voxels whose local
+    (3x3x3) mean is above `percentile` of the sample: structures, not single bright speckle grains."""
     k_apply, k_factor = jax.random.split(key)
     strength = image.mean(axis=-1)
-    reflector = strength > jnp.percentile(strength, percentile)
-    behind = jnp.cumsum(reflector, axis=depth_axis) - reflector > 0
+    local = sum(jnp.roll(strength, (a, b, c), axis=(0, 1, 2))
+                for a in (-1, 0, 1) for b in (-1, 0, 1) for c in (-1, 0, 1)) / 27.0
+    reflector = _along_beam(local > jnp.percentile(local, percentile), depth_axis, reversed_)
+    behind = _along_beam(jnp.cumsum(reflector, axis=depth_axis) - reflector > 0, depth_axis, reversed_)
     factor = jnp.where(behind, _uniform(k_factor, factor_range), 1.0)[..., None]
     return jnp.where(_coin(k_apply, p), image * factor, image)
 
 
-def attenuation(key, image, p, attenuation_range, tgc_std: float, depth_axis: int):
+def attenuation(key, image, p, attenuation_range, tgc_std: float, depth_axis: int, reversed_: bool = False):
     """exp(-alpha * depth + tgc(depth)): depth-dependent loss and a smooth random time-gain curve."""
     k_apply, k_alpha, k_tgc = jax.random.split(key, 3)
     n = image.shape[depth_axis]
     depth = jnp.linspace(0.0, 1.0, n)
+    depth = depth[::-1] if reversed_ else depth
     tgc = tgc_std * jax.image.resize(jax.random.normal(k_tgc, (4,)), (n,), method="cubic")
     gain = jnp.exp(-_uniform(k_alpha, attenuation_range) * depth + tgc)
     shape = [1, 1, 1, 1]
@@ -177,9 +186,11 @@ def artifact_transform(key, image, params: ArtifactParams):
     keys = jax.random.split(key, 11)
     a = params
     if a.p_attenuation > 0:
-        image = attenuation(keys[0], image, a.p_attenuation, a.attenuation, a.tgc_std, a.depth_axis)
+        image = attenuation(keys[0], image, a.p_attenuation, a.attenuation, a.tgc_std, a.depth_axis,
+                            a.depth_reversed)
     if a.p_shadow > 0:
-        image = acoustic_shadow(keys[1], image, a.p_shadow, a.shadow_percentile, a.shadow_factor, a.depth_axis)
+        image = acoustic_shadow(keys[1], image, a.p_shadow, a.shadow_percentile, a.shadow_factor, a.depth_axis,
+                                a.depth_reversed)
     if a.p_bias_field > 0:
         image = bias_field(keys[2], image, a.p_bias_field, a.bias_field_std, a.bias_field_grid)
     if a.p_gibbs > 0:
