@@ -57,13 +57,12 @@ def prepare_data_config(config_path, overrides):
             for key, value in loaded.data.items():
                 if key in config.data:
                     config.data[key] = value
-    config = config_lib.apply_overrides(config, overrides)
     unknown = [o for o in overrides if not o.startswith(("--config.data.", "config.data."))]
     if unknown:
         from medseg_jax.errors import MedsegError
 
         raise MedsegError(f"{unknown[0]}: medseg prepare reads only config keys under data.")
-    return config.data
+    return config_lib.apply_overrides(config, overrides).data
 
 
 def cmd_prepare(args, overrides) -> None:

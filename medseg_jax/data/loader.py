@@ -60,12 +60,15 @@ class PatchSampler:
         self.seed = int(seed)
         self.local_indices = list(range(batch_size) if local_indices is None else local_indices)
         num_foreground(0, batch_size, oversample, seed)  # validates oversample
+        # The foreground classes present in each case, computed once rather than per sample.
+        self.present = {case_id: sorted(int(c) for c, (_, n) in store.cases[case_id]["class_locations"].items()
+                                        if n > 0) for case_id in self.case_ids}
 
     def spec(self, step: int, index: int) -> SampleSpec:
         rng = np.random.default_rng([self.seed, step, index])
         case_id = self.case_ids[int(rng.integers(len(self.case_ids)))]
         meta = self.store.cases[case_id]
-        present = sorted((int(c) for c, (_, n) in meta["class_locations"].items() if n > 0))
+        present = self.present[case_id]
         is_foreground = index >= self.batch_size - num_foreground(step, self.batch_size, self.oversample, self.seed)
         if is_foreground and present:
             value = present[int(rng.integers(len(present)))]

@@ -101,6 +101,13 @@ def preprocess_case(image: np.ndarray, spacing: Sequence[float], plan: dict,
     return Preprocessed(out, out_label, box, tuple(int(s) for s in image.shape[:3]))
 
 
+def _paste(inside: np.ndarray, crop_box, canonical_shape, fill=0) -> np.ndarray:
+    """`inside` (the crop box's content) placed in a volume of `canonical_shape` filled with `fill`."""
+    out = np.full(tuple(canonical_shape) + inside.shape[3:], fill, dtype=inside.dtype)
+    out[tuple(slice(lo, hi) for lo, hi in crop_box)] = inside
+    return out
+
+
 def map_back(array: np.ndarray, crop_box: Sequence[Sequence[int]], canonical_shape: Sequence[int], order: int,
              fill=0) -> np.ndarray:
     """Preprocessed-grid array (X', Y', Z'[, K]) -> the original canonical grid (X, Y, Z[, K]).
@@ -108,18 +115,12 @@ def map_back(array: np.ndarray, crop_box: Sequence[Sequence[int]], canonical_sha
     Resized onto the crop box (order 0: nearest, 1: linear) and placed in a volume of `canonical_shape` filled with
     `fill` outside it."""
     box_shape = [hi - lo for lo, hi in crop_box]
-    inside = resize(array, box_shape, order=order)
-    out = np.full(tuple(canonical_shape) + array.shape[3:], fill, dtype=inside.dtype)
-    out[tuple(slice(lo, hi) for lo, hi in crop_box)] = inside
-    return out
+    return _paste(resize(array, box_shape, order=order), crop_box, canonical_shape, fill)
 
 
 def logits_to_original(logits: np.ndarray, crop_box, canonical_shape) -> np.ndarray:
     """Preprocessed-grid logits (X', Y', Z', K) -> label map on the canonical original grid (background outside the
-    crop box)."""
+    crop box). The argmax is taken on the crop box, so only one channel is ever full size."""
     box_shape = [hi - lo for lo, hi in crop_box]
-    labels = np.argmax(resize(logits, box_shape, order=1), axis=-1).astype(np.uint8 if logits.shape[-1] <= 256
-                                                                              else np.int16)
-    out = np.zeros(tuple(canonical_shape), labels.dtype)
-    out[tuple(slice(lo, hi) for lo, hi in crop_box)] = labels
-    return out
+    labels = np.argmax(resize(logits, box_shape, order=1), axis=-1)
+    return _paste(labels.astype(np.uint8 if logits.shape[-1] <= 256 else np.int16), crop_box, canonical_shape)
