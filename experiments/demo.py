@@ -6,6 +6,7 @@ Run: medseg train --config experiments/demo.py --workdir runs/my_run --config.da
 import ml_collections
 
 from medseg_jax.augment.pipeline import augment_config
+from medseg_jax.models.registry import model_config
 
 
 def get_config():
@@ -31,15 +32,8 @@ def get_config():
     config.data.threads = 2  # reader threads per process (overlap tensorstore reads)
     config.data.prefetch_batches = 2  # batches buffered ahead per process
 
-    config.model = ml_collections.ConfigDict()
-    config.model.name = "unet"
-    config.model.features = (8, 16, 32, 64)
-    config.model.convs_per_stage = 2
-    config.model.norm = "instance"
-    config.model.activation = "leaky_relu"
-    config.model.deep_supervision = True
-    config.model.strides = None  # per stage; None: 1 then 2 on every axis
-    config.model.kernel_sizes = None  # per stage; None: 3 on every axis
+    # nnU-Net's PlainConvUNet, narrowed for a CPU (nnU-Net: features 32..320, planned strides and kernels).
+    config.model = model_config("plain_unet", features=(8, 16, 32, 64), deep_supervision=True)
 
     config.loss = ml_collections.ConfigDict()
     config.loss.name = "dice_ce"

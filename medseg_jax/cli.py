@@ -124,6 +124,37 @@ def cmd_demo(args, overrides) -> None:
              config_path=args.config, overrides=overrides)
 
 
+def cmd_import(args, overrides) -> None:
+    from medseg_jax.errors import MedsegError
+    from medseg_jax.transfer import importers
+
+    if args.source == "nnunet":
+        if overrides:
+            raise MedsegError(f"{overrides[0]}: medseg import nnunet takes its configuration from the nnU-Net plans")
+        summary = importers.import_nnunet(args.path, args.out, fold=args.fold, checkpoint_name=args.checkpoint)
+        print(f"imported nnU-Net {summary['configuration']} ({summary['model']}, {summary['parameters']:,} "
+              f"parameters) into {summary['run']}: patch {tuple(summary['patch_size'])}, spacing "
+              f"{tuple(round(v, 3) for v in summary['target_spacing'])} mm; predict with "
+              f"`medseg predict --run {summary['run']} --input ... --output ...`")
+        return
+    from medseg_jax import config as config_lib
+    from medseg_jax.defaults import base_config
+
+    if args.config:
+        config = config_lib.load_config(args.config, overrides)
+    else:
+        config = config_lib.apply_overrides(base_config(args.arch), overrides)
+    summary = importers.import_monai(args.arch, args.path, args.out, encoder_only=args.encoder_only, config=config,
+                                     plans_path=args.plans, in_channels=args.in_channels,
+                                     out_channels=args.out_channels)
+    what = "encoder" if args.encoder_only else "all weights"
+    print(f"imported MONAI {args.arch} ({what}: {', '.join(summary['pretrained'])}; {summary['parameters']:,} "
+          f"parameters) into {summary['run']}")
+    if not summary["has_plans"]:
+        print("no --plans given: the run has no preprocessing plan, so `medseg predict` cannot use it until "
+              "plans.json is added (use it to initialise fine-tuning)", file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medseg", description="3D medical image segmentation in JAX")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -172,6 +203,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-cases", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--config", help="experiment file (default: the packaged demo experiment)")
+
+    p = sub.add_parser("import", help="turn PyTorch-trained weights (nnU-Net v2, MONAI) into a run directory")
+    source = p.add_subparsers(dest="source", required=True)
+    q = source.add_parser("nnunet", help="an nnU-Net v2 result folder, fold folder or checkpoint_*.pth")
+    q.add_argument("path")
+    q.add_argument("--out", required=True, help="run directory to create (must not exist)")
+    q.add_argument("--fold", help="fold to import when the result folder has several")
+    q.add_argument("--checkpoint", default="checkpoint_final.pth", help="checkpoint file name inside the fold")
+    q = source.add_parser("monai", help="a MONAI state dict (.pt/.pth); extra --config.model.k=v set the "
+                                         "architecture (as MONAI's constructor arguments)")
+    q.add_argument("--arch", required=True, choices=["unetr", "swin_unetr", "segresnet"])
+    q.add_argument("path", help="state dict file")
+    q.add_argument("--out", required=True, help="run directory to create (must not exist)")
+    q.add_argument("--encoder-only", action="store_true",
+                   help="load only the encoder (e.g. MONAI's self-supervised SwinUNETR weights) for fine-tuning")
+    q.add_argument("--config", help="experiment file giving the model section and patch size")
+    q.add_argument("--plans", help="preprocessing plan for prediction: a store, run directory or plans.json")
+    q.add_argument("--in-channels", type=int, help="input channels (without --plans)")
+    q.add_argument("--out-channels", type=int, help="output classes incl. background (without --plans)")
     return parser
 
 
@@ -182,8 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     try:
-        if args.command in ("train", "demo", "prepare"):
-            handler = {"train": cmd_train, "demo": cmd_demo, "prepare": cmd_prepare}[args.command]
+        if args.command in ("train", "demo", "prepare", "import"):
+            handler = {"train": cmd_train, "demo": cmd_demo, "prepare": cmd_prepare, "import": cmd_import}[
+                args.command]
             handler(args, _overrides(unknown, parser))
         else:
             if unknown:

@@ -122,7 +122,8 @@ def open_for_prediction(path: str | Path, checkpoint: str = "best"):
         raise MedsegError(f"{run.path}: run directory not found")
     config, plans = run.load_config(), run.load_plans()
     num_classes = len(plans["labels"])
-    model = build_model(config.model, num_classes=num_classes)
+    model = build_model(config.model, num_classes=num_classes, in_channels=len(plans["normalization"]),
+                        patch_size=config.train.patch_size)
     latest, best = run.checkpoint_managers()
     manager = best if checkpoint == "best" and best.latest_step() is not None else latest
     step = manager.best_step() if manager is best else manager.latest_step()

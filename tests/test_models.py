@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from medseg_jax.models.layers import UpsampleConv, depth_to_space
-from medseg_jax.models.unet import UNet
+from medseg_jax.models.registry import build_model, model_config
+from medseg_jax.models.unet import ResidualEncoderUNet, UNet
 
 
 @pytest.mark.parametrize("strides", [(2, 2, 2), (2, 2, 1), (1, 2, 2)])
@@ -21,9 +22,8 @@ def test_upsample_conv_equals_conv_transpose(strides):
     volume = int(np.prod(strides))
     dense_kernel = jnp.transpose(kernel.reshape(volume, channels, features), (1, 0, 2)).reshape(channels,
                                                                                                  volume * features)
-    dense_bias = jnp.tile(tvars["params"]["bias"], volume)
-    ours = UpsampleConv(features, strides).apply({"params": {"Dense_0": {"kernel": dense_kernel,
-                                                                         "bias": dense_bias}}}, x)
+    ours = UpsampleConv(features, strides).apply({"params": {"Dense_0": {"kernel": dense_kernel},
+                                                             "bias": tvars["params"]["bias"]}}, x)
     expected = transpose.apply(tvars, x)
     np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5)
 
@@ -51,3 +51,55 @@ def test_unet_anisotropic_strides():
     x = jnp.zeros((1, 16, 16, 6, 1))
     assert model.apply(model.init(jax.random.key(0), x), x).shape == (1, 16, 16, 6, 2)
     assert model.total_downsampling() == (4, 4, 2)
+
+
+@pytest.mark.parametrize("name", ["plain_unet", "resenc_unet"])
+def test_remat_gives_identical_outputs_and_gradients(name):
+    config = model_config(name, features=(4, 8), deep_supervision=True)
+    x = jax.random.normal(jax.random.key(0), (1, 8, 8, 4, 2))
+    plain = build_model(config, num_classes=3, in_channels=2)
+    config.remat = True
+    remat = build_model(config, num_classes=3, in_channels=2)
+    params = plain.init(jax.random.key(1), x)["params"]
+
+    def loss(model, p):
+        return sum(jnp.sum(o ** 2) for o in model.apply({"params": p}, x, train=True))
+
+    np.testing.assert_array_equal(loss(plain, params), loss(remat, params))
+    grads = [jax.tree.leaves(jax.grad(lambda p: loss(m, p))(params)) for m in (plain, remat)]
+    scale = max(float(jnp.max(jnp.abs(g))) for g in grads[0])
+    # conv biases before an instance norm have zero gradient in exact arithmetic: compare against the largest
+    # gradient, not elementwise, or their float noise decides the test
+    for a, b in zip(*grads):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_logits_close():
+    config = model_config("resenc_unet", features=(4, 8, 16))
+    x = jax.random.normal(jax.random.key(0), (1, 16, 16, 8, 1))
+    full = build_model(config, num_classes=3)
+    config.dtype = "bfloat16"
+    half = build_model(config, num_classes=3)
+    params = full.init(jax.random.key(1), x)["params"]
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(half.init(jax.random.key(1), x)))
+    a, b = full.apply({"params": params}, x), half.apply({"params": params}, x)
+    assert b.dtype == jnp.float32
+    assert float(jnp.linalg.norm(a - b) / jnp.linalg.norm(a)) < 5e-2
+
+
+def test_resenc_uses_nnunet_block_counts_and_residual_skips():
+    model = ResidualEncoderUNet(num_classes=2, features=(4, 8, 16, 16))
+    assert model.stage_blocks() == (1, 3, 4, 6)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 16, 1)))["params"]
+    assert "skip_conv" in params["encoder1"]["block0"]  # width changes 4 -> 8: projected skip
+    assert "skip_conv" not in params["encoder3"]["block0"]  # 16 -> 16: identity skip (average-pooled)
+    assert len(params["encoder2"]) == 4
+
+
+def test_unknown_model_and_key_are_one_line_errors():
+    from medseg_jax.errors import MedsegError
+
+    with pytest.raises(MedsegError, match="unknown model 'vnet'"):
+        model_config("vnet")
+    with pytest.raises(MedsegError, match="model.blocks_per_stage"):
+        model_config("plain_unet", blocks_per_stage=(1, 2))

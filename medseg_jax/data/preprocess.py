@@ -30,10 +30,12 @@ def normalize(image: np.ndarray, normalization: Sequence[dict]) -> np.ndarray:
         scheme = norm["scheme"]
         if scheme == "ct":
             x = (np.clip(x, *norm["clip"]) - norm["mean"]) / norm["std"]
-        elif scheme == "zscore":
-            mask = x != 0
+        elif scheme == "zscore":  # statistics inside the nonzero mask, or over the whole crop ("mask": "all")
+            mask = x != 0 if norm.get("mask", "nonzero") == "nonzero" else np.ones(x.shape, bool)
             values = x[mask] if mask.any() else x
             x = (x - values.mean()) / max(float(values.std()), 1e-8)
+        elif scheme == "rescale01":  # nnU-Net's RescaleTo01Normalization: per-case min-max
+            x = (x - x.min()) / max(float(x.max() - x.min()), 1e-8)
         elif scheme == "percentile":
             low, high = np.percentile(x, [0.5, 99.5])
             x = np.clip((x - low) / max(float(high - low), 1e-8), 0.0, 1.0)

@@ -53,7 +53,7 @@ def check_patch_size(patch_size: Sequence[int], model) -> None:
         raise MedsegError(f"config key 'train.patch_size': {tuple(patch_size)} needs {len(factors)} axes")
     for axis, (p, f) in enumerate(zip(patch_size, factors)):
         if p % f:
-            raise MedsegError(f"config key 'train.patch_size': axis {axis} size {p} does not divide by the U-Net's "
+            raise MedsegError(f"config key 'train.patch_size': axis {axis} size {p} does not divide by the model's "
                               f"total downsampling {f}")
 
 
@@ -186,7 +186,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, resume: bool =
 
     mesh = mesh_lib.make_mesh(config.mesh.data)
     mesh_lib.check_batch_divisible(config.train.batch_size, mesh)
-    model = build_model(config.model, num_classes=num_classes)
+    model = build_model(config.model, num_classes=num_classes, in_channels=num_channels, patch_size=patch)
     check_patch_size(patch, model)
     tx = step_lib.make_optimizer(config.train)
     schedule = step_lib.make_schedule(config.train)
