@@ -12,8 +12,13 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q -e .
 	touch $@
 
-$(VENV)/.installed-test: $(VENV)/.installed
-	$(PIP) install -q -e '.[test]'
+# torch first, from the CPU wheel pip finds for exactly 2.13.0; the constraints file then keeps MONAI from pulling a
+# CUDA build. dynamic_network_architectures goes in without its dependencies (timm/torchvision are not needed for the
+# U-Nets and have no CPU build here).
+$(VENV)/.installed-test: $(VENV)/.installed constraints/test.txt
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -c constraints/test.txt -e '.[test]'
+	$(PIP) install -q -c constraints/test.txt --no-deps dynamic_network_architectures==0.4.4
 	touch $@
 
 install: $(VENV)/.installed

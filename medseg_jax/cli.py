@@ -29,12 +29,14 @@ def cmd_train(args, overrides) -> None:
     from medseg_jax.errors import MedsegError
     from medseg_jax.train.loop import train
 
-    if args.resume:
-        config = runs.RunDir(args.workdir).load_config()
-        config = config_lib.apply_overrides(config, overrides)
+    run = runs.RunDir(args.workdir)
+    if args.resume or (not args.config and run.config_path.is_file() and not run.has_checkpoint()):
+        # --resume, or a run directory that `medseg plan` prepared
+        config = config_lib.apply_overrides(run.load_config(), overrides)
     else:
         if not args.config:
-            raise MedsegError("--config is required (an experiment file such as experiments/demo.py)")
+            raise MedsegError("--config is required (an experiment file such as experiments/demo.py), unless "
+                              "--workdir was planned with `medseg plan`")
         config = config_lib.load_config(args.config, overrides)
     if args.dataset:
         config.data.dataset = args.dataset
@@ -124,6 +126,29 @@ def cmd_demo(args, overrides) -> None:
              config_path=args.config, overrides=overrides)
 
 
+def cmd_plan(args, overrides) -> None:
+    from medseg_jax import config as config_lib
+    from medseg_jax import fileio, runs
+    from medseg_jax.errors import MedsegError
+    from medseg_jax.train.loop import open_training_store
+    from medseg_jax.train.planner import format_report, plan_experiment
+
+    run = runs.RunDir(args.workdir)
+    if run.config_path.exists():
+        raise MedsegError(f"{run.config_path}: already exists; plan into a new run directory (nothing was "
+                          "overwritten)")
+    config = config_lib.load_config(args.config, overrides)
+    store = open_training_store(config, run.path)
+    planned, report = plan_experiment(config, store.plan, num_cases=len(store.case_ids), budget_gb=args.budget_gb,
+                                      progress=print)
+    run.path.mkdir(parents=True, exist_ok=True)
+    fileio.write_json(run.path / "model_plan.json", report)
+    run.save_config(planned)
+    print(format_report(report))
+    print(f"wrote {run.config_path} and {run.path / 'model_plan.json'}; train with "
+          f"`medseg train --workdir {run.path}`")
+
+
 def cmd_import(args, overrides) -> None:
     from medseg_jax.errors import MedsegError
     from medseg_jax.transfer import importers
@@ -204,6 +229,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--config", help="experiment file (default: the packaged demo experiment)")
 
+    p = sub.add_parser("plan", help="choose patch size, network topology and batch size for a memory budget by "
+                                     "compiling the train step; writes the run's config")
+    p.add_argument("--config", required=True, help="experiment file with get_config()")
+    p.add_argument("--workdir", required=True, help="run directory to plan (new); then `medseg train --workdir`")
+    p.add_argument("--budget-gb", type=float, help="device memory to plan for (default: the model preset's, "
+                                                   "ResEnc M/L/XL 8/24/40, else 8)")
+
     p = sub.add_parser("import", help="turn PyTorch-trained weights (nnU-Net v2, MONAI) into a run directory")
     source = p.add_subparsers(dest="source", required=True)
     q = source.add_parser("nnunet", help="an nnU-Net v2 result folder, fold folder or checkpoint_*.pth")
@@ -232,9 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     try:
-        if args.command in ("train", "demo", "prepare", "import"):
-            handler = {"train": cmd_train, "demo": cmd_demo, "prepare": cmd_prepare, "import": cmd_import}[
-                args.command]
+        if args.command in ("train", "demo", "prepare", "import", "plan"):
+            handler = {"train": cmd_train, "demo": cmd_demo, "prepare": cmd_prepare, "import": cmd_import,
+                       "plan": cmd_plan}[args.command]
             handler(args, _overrides(unknown, parser))
         else:
             if unknown:

@@ -9,7 +9,6 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
-import optax
 
 
 def soft_dice_loss(logits, labels, *, batch_dice: bool = False, include_background: bool = False,
@@ -33,7 +32,12 @@ def soft_dice_loss(logits, labels, *, batch_dice: bool = False, include_backgrou
 
 
 def cross_entropy_loss(logits, labels) -> jax.Array:
-    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels))
+    """Mean softmax cross-entropy. Written with a one-hot product rather than optax's integer-label gather: the
+    gather's gradient is a scatter-add over the whole volume that XLA tries to constant-fold for seconds at compile
+    time (and scatters are slow on GPUs); the product's gradient is elementwise."""
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    onehot = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
+    return -jnp.mean(jnp.sum(log_probs * onehot, axis=-1))
 
 
 def dice_ce_loss(logits, labels, *, dice_weight: float = 1.0, ce_weight: float = 1.0,

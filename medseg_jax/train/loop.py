@@ -172,7 +172,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, resume: bool =
     run = runs.RunDir(workdir)
     if resume and not run.has_checkpoint():
         raise MedsegError(f"{run.path}: --resume given but there is no checkpoint to resume from")
-    if not resume and run.path.exists() and any(p.name != "store" for p in run.path.iterdir()):
+    planned = ("store", "config.json", "model_plan.json")  # what `medseg plan` leaves for training to start from
+    if not resume and run.path.exists() and any(p.name not in planned for p in run.path.iterdir()):
         raise MedsegError(f"{run.path}: work directory is not empty; pass --resume to continue it or choose another")
 
     started = time.time()

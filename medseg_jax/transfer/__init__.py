@@ -66,7 +66,9 @@ def load_monai_params(arch: str, state_dict_path, module, in_channels: int, *, e
     converted = converter.convert(tensors, module, encoder_only=encoder_only, source=str(state_dict_path))
     if not encoder_only:
         return converted, sorted(converted)
-    shape = tuple(int(v) for v in patch_size) if patch_size is not None else module.total_downsampling()
+    if patch_size is None:  # position-embedded transformers take exactly their img_size
+        patch_size = getattr(module, "img_size", None) or module.total_downsampling()
+    shape = tuple(int(v) for v in patch_size)
     params = jax.tree.map(np.asarray, module.init(jax.random.key(seed),
                                                   np.zeros((1, *shape, in_channels), np.float32))["params"])
     _merge(params, converted)
