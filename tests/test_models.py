@@ -103,3 +103,21 @@ def test_unknown_model_and_key_are_one_line_errors():
         model_config("vnet")
     with pytest.raises(MedsegError, match="model.blocks_per_stage"):
         model_config("plain_unet", blocks_per_stage=(1, 2))
+
+
+@pytest.mark.parametrize("name, overrides, patch", [
+    ("plain_unet", dict(features=(4, 8, 16)), (16, 16, 8)),
+    ("resenc_unet", dict(features=(4, 8, 16)), (16, 16, 8)),
+    ("unetr", dict(feature_size=4, hidden_size=24, mlp_dim=48, num_heads=2), (32, 32, 16)),
+    ("swin_unetr", dict(feature_size=12, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1)), (32, 32, 32)),
+    ("segresnet", dict(init_filters=8), (16, 16, 8)),
+])
+def test_every_registered_model_builds_from_its_config(name, overrides, patch):
+    """Shapes only (jax.eval_shape): each model's config keys reach its module and the logits come out full size."""
+    config = model_config(name, **overrides)
+    model = build_model(config, num_classes=3, in_channels=2, patch_size=patch)
+    x = jax.ShapeDtypeStruct((1, *patch, 2), jnp.float32)
+    variables = jax.eval_shape(model.init, jax.random.key(0), x)
+    out = jax.eval_shape(lambda v, x: model.apply(v, x), variables, x)
+    assert out.shape == (1, *patch, 3) and out.dtype == jnp.float32
+    assert all(p % f == 0 for p, f in zip(patch, model.total_downsampling()))
