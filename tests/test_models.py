@@ -39,7 +39,7 @@ def test_depth_to_space_places_each_channel_block():
 def test_unet_shapes_and_deep_supervision():
     model = UNet(num_classes=3, features=(4, 8, 16), deep_supervision=True)
     x = jnp.zeros((2, 16, 16, 8, 1))
-    variables = model.init(jax.random.key(0), x)
+    variables = jax.jit(model.init)(jax.random.key(0), x)
     outputs = model.apply(variables, x, train=True)
     assert [o.shape for o in outputs] == [(2, 16, 16, 8, 3), (2, 8, 8, 4, 3)]
     assert model.apply(variables, x).shape == (2, 16, 16, 8, 3)
