@@ -59,6 +59,7 @@ def get_config():
     config.train.log_every = 10
     config.train.val_every = 120
     config.train.checkpoint_every = 50
+    config.train.init_from = ""  # a run directory (trained or imported) whose matching params start fine-tuning
 
     config.infer = ml_collections.ConfigDict()
     config.infer.overlap = 0.5

@@ -33,11 +33,19 @@ def cmd_train(args, overrides) -> None:
     if args.resume or (not args.config and run.config_path.is_file() and not run.has_checkpoint()):
         # --resume, or a run directory that `medseg plan` prepared
         config = config_lib.apply_overrides(run.load_config(), overrides)
+    elif args.init_from and not args.config:  # fine-tune with the source run's whole config (model included)
+        config = runs.RunDir(args.init_from).load_config()
+        with config.unlocked():
+            config.train.init_from = ""
+        config = config_lib.apply_overrides(config, overrides)
     else:
         if not args.config:
             raise MedsegError("--config is required (an experiment file such as experiments/demo.py), unless "
-                              "--workdir was planned with `medseg plan`")
+                              "--workdir was planned with `medseg plan` or --init-from names a run to fine-tune")
         config = config_lib.load_config(args.config, overrides)
+    if args.init_from:
+        with config.train.unlocked():
+            config.train.init_from = str(args.init_from)
     if args.dataset:
         config.data.dataset = args.dataset
     summary = train(config, args.workdir, resume=args.resume)
@@ -194,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model; extra --config.key=value arguments override the config")
     p.add_argument("--config", help="experiment file with get_config() (not needed with --resume)")
     p.add_argument("--workdir", required=True, help="run directory (new, or existing with --resume)")
+    p.add_argument("--init-from", help="fine-tune: start from this run's params (trained or made by `medseg import`); "
+                                       "without --config its config is used too")
     p.add_argument("--dataset", help="dataset folder; shorthand for --config.data.dataset=DIR")
     p.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
 

@@ -26,7 +26,7 @@ def base_config(model: str = "plain_unet") -> ml_collections.ConfigDict:
     config.train = ml_collections.ConfigDict(dict(
         steps=250_000, batch_size=2, patch_size=(128, 128, 128), optimizer="sgd", learning_rate=1e-2,
         weight_decay=3e-5, schedule="poly", warmup_steps=0, grad_clip=12.0, log_every=50, val_every=5000,
-        checkpoint_every=1000))
+        checkpoint_every=1000, init_from=""))
     config.infer = ml_collections.ConfigDict(dict(overlap=0.5, batch_size=2))
     config.mesh = ml_collections.ConfigDict(dict(data=-1))
     return config

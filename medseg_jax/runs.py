@@ -133,3 +133,44 @@ def open_for_prediction(path: str | Path, checkpoint: str = "best"):
     # only the params, and needs no optimizer to rebuild the full state's structure.
     params = jax.tree.map(np.asarray, restore_raw(manager, step)["params"])
     return config, plans, model, params
+
+
+def load_params(path: str | Path, checkpoint: str = "best") -> dict:
+    """The params of run directory `path` (its best checkpoint, else its latest) as nested dicts of numpy arrays."""
+    run = RunDir(path)
+    if not run.path.is_dir():
+        raise MedsegError(f"{run.path}: run directory not found")
+    latest, best = run.checkpoint_managers()
+    manager = best if checkpoint == "best" and best.latest_step() is not None else latest
+    step = manager.best_step() if manager is best else manager.latest_step()
+    if step is None:
+        raise MedsegError(f"{run.path}: no checkpoint found")
+    return jax.tree.map(np.asarray, restore_raw(manager, step)["params"])
+
+
+def init_params_from(path: str | Path, params):
+    """Fine-tuning: `params` (the freshly initialised, sharded tree) with every array whose path and shape also exist
+    in run `path`'s params replaced by the trained one; the rest (e.g. a head for another number of classes) keeps its
+    initial values. Returns (params, a one-paragraph report). No array in common is an error."""
+    source = load_params(path)
+    flat_source = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(source)}
+    copied, kept = [], []
+
+    def take(key_path, leaf):
+        key = jax.tree_util.keystr(key_path)
+        value = flat_source.get(key)
+        if value is not None and tuple(value.shape) == tuple(leaf.shape):
+            copied.append(key)
+            return jax.device_put(np.asarray(value, leaf.dtype), leaf.sharding)
+        kept.append(key)
+        return leaf
+
+    merged = jax.tree_util.tree_map_with_path(take, params)
+    if not copied:
+        raise MedsegError(f"config key 'train.init_from': {path} has no parameter of this model's names and shapes "
+                          "(another architecture? use the source run's model section)")
+    report = f"initialised {len(copied)} of {len(copied) + len(kept)} parameter arrays from {path}"
+    if kept:
+        shown = ", ".join(kept[:4]) + (f" and {len(kept) - 4} more" if len(kept) > 4 else "")
+        report += f"; {len(kept)} keep their initial values (absent or another shape there): {shown}"
+    return merged, report

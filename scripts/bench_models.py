@@ -4,8 +4,8 @@ every registered model, plus the two formulations of the kernel = stride transpo
     python scripts/bench_models.py                       # CPU: patch 64^3, batch 1 (nnU-Net-sized networks)
     python scripts/bench_models.py --patch 128 --batch 2 # a GPU
 
-FLOPs come from XLA's cost analysis of the compiled forward pass (per sample); peak memory from `memory_analysis()` of
-the compiled train step (AdamW, Dice+CE, no augmentation, so that the model is what is measured); step time is the
+FLOPs come from XLA's cost analysis of the compiled forward pass (per sample); memory from `memory_analysis()` of the
+compiled train step (arguments + outputs + temporaries - donated buffers, as the planner counts it) (AdamW, Dice+CE, no augmentation, so that the model is what is measured); step time is the
 median of `--steps` timed steps after one warm-up step. Results are printed as a Markdown table and written as JSON.
 """
 
@@ -31,6 +31,7 @@ from medseg_jax.models.layers import Upsample  # noqa: E402
 from medseg_jax.models.registry import build_model, model_config  # noqa: E402
 from medseg_jax.parallel import mesh as mesh_lib  # noqa: E402
 from medseg_jax.train import step as step_lib  # noqa: E402
+from medseg_jax.train.planner import compiled_bytes  # noqa: E402
 
 MODELS = [  # (label, name, overrides): the libraries' default sizes
     ("plain_unet (nnU-Net default)", "plain_unet", {}),
@@ -76,9 +77,7 @@ def bench_model(label, name, overrides, patch, batch, steps, num_classes=3, in_c
     started = time.perf_counter()
     compiled = train_step.lower(state, batch_arrays, key).compile()
     compile_seconds = time.perf_counter() - started
-    memory = compiled.memory_analysis()
-    peak = getattr(memory, "peak_memory_in_bytes", 0) or (memory.argument_size_in_bytes + memory.temp_size_in_bytes
-                                                          + memory.output_size_in_bytes - memory.alias_size_in_bytes)
+    peak = compiled_bytes(compiled)
     state, metrics = compiled(state, batch_arrays, key)  # warm-up
     jax.block_until_ready(metrics)
     times = []

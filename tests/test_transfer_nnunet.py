@@ -230,3 +230,20 @@ def test_cli_import_refuses_an_unsupported_network(tmp_path):
     result = medseg("import", "nnunet", folder, "--out", tmp_path / "run")
     assert_clean_error(result, "ResidualUNet", "not supported")
     assert not (tmp_path / "run").exists()
+
+
+def test_fine_tuning_starts_from_the_imported_weights(tmp_path, tiny_dataset):
+    folder, _ = write_result_folder(tmp_path / "results")
+    imported = tmp_path / "imported"
+    assert medseg("import", "nnunet", folder, "--out", imported).returncode == 0
+    run = tmp_path / "finetuned"
+    result = medseg("train", "--workdir", run, "--init-from", imported, f"--config.data.dataset={tiny_dataset}",
+                    "--config.train.steps=1", "--config.train.val_every=1", "--config.train.checkpoint_every=1",
+                    "--config.train.batch_size=1", "--config.data.val_cases=1", "--config.augment.p_rotation=0.0",
+                    "--config.augment.p_scaling=0.0", "--config.augment.p_elastic=0.0")
+    assert result.returncode == 0, result.stderr
+    # the tiny dataset has one channel, the nnU-Net model two: only the first conv starts afresh
+    assert "initialised 55 of 56 parameter arrays" in result.stdout
+    assert "['net']['encoder0']['conv0']['conv']['kernel']" in result.stdout
+    config = json.loads((run / "config.json").read_text())
+    assert config["model"]["axis_permutation"] == [2, 1, 0] and config["train"]["init_from"] == str(imported)

@@ -216,6 +216,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, resume: bool =
         start_step = latest.latest_step()
         state = runs.restore_into(latest, start_step, state, data_iterator)
         print(f"resumed from step {start_step}")
+    elif config.train.get("init_from"):
+        params, report = runs.init_params_from(config.train.init_from, state.params)
+        state = state.replace(params=params)
+        print(report)
     log = MetricsLog(run, keep_until_step=start_step if resume else None)
 
     train_step = step_lib.make_train_step(model, tx, step_lib.make_loss_fn(config.loss), augment_fn, schedule, mesh,

@@ -130,13 +130,18 @@ def compiled_step_bytes(config: ml_collections.ConfigDict, num_classes: int, in_
                       "label": jax.ShapeDtypeStruct((batch, *input_size), jnp.int32)}
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
     compiled = train_step.lower(abstract_state, batch_abstract, key).compile()
+    return compiled_bytes(compiled)
+
+
+def compiled_bytes(compiled) -> int:
+    """Device memory a compiled program needs: its arguments, outputs and temporaries, less donated (aliased) buffers.
+    XLA's own `peak_memory_in_bytes` is used when larger (on CPU it counts only part of this)."""
     stats = compiled.memory_analysis()
     if stats is None:
         raise MedsegError(f"the {jax.default_backend()} backend reports no memory analysis; plan on another device")
-    peak = getattr(stats, "peak_memory_in_bytes", 0) or 0
     total = stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes \
         - stats.alias_size_in_bytes
-    return int(max(peak, total))
+    return int(max(getattr(stats, "peak_memory_in_bytes", 0) or 0, total))
 
 
 def plan_experiment(config: ml_collections.ConfigDict, plans: dict, num_cases: int, budget_gb: float | None = None,
