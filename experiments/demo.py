@@ -35,11 +35,31 @@ def get_config():
     # nnU-Net's PlainConvUNet, narrowed for a CPU (nnU-Net: features 32..320, planned strides and kernels).
     config.model = model_config("plain_unet", features=(8, 16, 32, 64), deep_supervision=True)
 
+    # Loss (medseg_jax/losses/config.py). name: dice_ce | dice | ce | focal | tversky | focal_tversky |
+    # generalized_dice | dice_cldice | dice_boundary; options a loss does not use stay at their defaults.
     config.loss = ml_collections.ConfigDict()
     config.loss.name = "dice_ce"
     config.loss.dice_weight = 1.0
     config.loss.ce_weight = 1.0
     config.loss.batch_dice = True  # Dice over the whole batch: steadier for small structures
+    config.loss.include_background = False  # nnU-Net: the background's Dice left out
+    config.loss.squared_pred = False  # sum(p^2) + sum(g^2) in the Dice denominator (V-Net)
+    config.loss.smooth_nr = 1e-5  # Dice smoothing of numerator and denominator
+    config.loss.smooth_dr = 1e-5
+    config.loss.class_weights = None  # K values, background first: CE, focal and Dice weights (as MONAI's weight)
+    config.loss.ignore_label = None  # label value of unannotated voxels (partial labels): they count for nothing
+    config.loss.regions = None  # e.g. ((1, 2, 3), (2, 3), (3,)): one sigmoid output per region (BraTS), dice_ce/dice/ce
+    config.loss.focal_gamma = 2.0  # focal
+    config.loss.focal_alpha = None  # focal: a number (background 1 - alpha, others alpha) or one per class
+    config.loss.tversky_alpha = 0.5  # tversky, focal_tversky: weight of false positives
+    config.loss.tversky_beta = 0.5  # ... and of false negatives
+    config.loss.tversky_gamma = 4.0 / 3.0  # focal_tversky: (1 - TI)^(1/gamma)
+    config.loss.gdl_weight_type = "square"  # generalized_dice: square | simple | uniform
+    config.loss.cldice_alpha = 0.5  # dice_cldice: (1 - alpha) Dice + alpha clDice
+    config.loss.cldice_iterations = 3  # dice_cldice: soft-skeleton iterations (> the structures' radius in voxels)
+    config.loss.cldice_smooth = 1.0
+    config.loss.boundary_weight = 0.01  # dice_boundary: Dice + weight * boundary loss
+    config.loss.boundary_max_distance = 10  # dice_boundary: distance maps capped at this many voxels
 
     # Every parameter of the preset, overridable: --config.augment.p_rotation=0.2 (see medseg_jax/augment/pipeline.py).
     # The demo uses brightness, contrast and noise only: mirroring would swap liver and spleen sides on a CPU budget too

@@ -7,6 +7,7 @@ import ml_collections
 
 from medseg_jax.augment.pipeline import augment_config
 from medseg_jax.data.fingerprint import default_data_config
+from medseg_jax.losses.config import loss_config
 from medseg_jax.models.registry import model_config
 
 
@@ -21,7 +22,7 @@ def base_config(model: str = "plain_unet") -> ml_collections.ConfigDict:
     config.data.threads = 2
     config.data.prefetch_batches = 2
     config.model = model_config(model)
-    config.loss = ml_collections.ConfigDict(dict(name="dice_ce", dice_weight=1.0, ce_weight=1.0, batch_dice=True))
+    config.loss = loss_config("dice_ce", dice_weight=1.0, ce_weight=1.0, batch_dice=True)  # every other key: default
     config.augment = augment_config("nnunet")
     config.train = ml_collections.ConfigDict(dict(
         steps=250_000, batch_size=2, patch_size=(128, 128, 128), optimizer="sgd", learning_rate=1e-2,

@@ -81,11 +81,10 @@ def state_shardings(state_or_abstract, mesh: Mesh):
 
 
 def make_loss_fn(loss_config: ml_collections.ConfigDict) -> Callable:
-    if loss_config.name != "dice_ce":
-        raise MedsegError(f"config key 'loss.name': unknown loss '{loss_config.name}' (known: dice_ce)")
-    base = functools.partial(losses.dice_ce_loss, dice_weight=loss_config.dice_weight,
-                             ce_weight=loss_config.ce_weight, batch_dice=loss_config.batch_dice)
-    return functools.partial(losses.deep_supervision_loss, loss_fn=base)
+    """`loss_fn(outputs, labels)` from `config.loss` (see medseg_jax/losses/config.py for names and options; a bad name
+    or option is a MedsegError naming its key). `outputs` is the logits or, with deep supervision, a list of them, full
+    resolution first, weighted as nnU-Net."""
+    return functools.partial(losses.deep_supervision_loss, loss_fn=losses.build_loss(loss_config))
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, loss_fn: Callable,
