@@ -111,8 +111,14 @@ def cmd_predict(args) -> None:
 def cmd_evaluate(args) -> None:
     from medseg_jax.evaluate import evaluate
 
-    summary = evaluate(args.pred, args.ref, args.out, dataset_json=args.dataset_json, overwrite=args.overwrite)
+    summary = evaluate(args.pred, args.ref, args.out, dataset_json=args.dataset_json, overwrite=args.overwrite,
+                       tolerance_mm=args.tolerance, surface=args.surface, workers=args.workers)
     print(format_summary(summary))
+    for comparison in summary["comparisons"]:
+        if comparison["metric"] == "dice" and comparison["p_value"] is not None:
+            print(f"{comparison['a']} vs {comparison['b']}, {comparison['name']} Dice: median difference "
+                  f"{comparison['median_difference']:+.4f}, Wilcoxon p = {comparison['p_value']:.3g} "
+                  f"(n = {comparison['n']})")
     print(f"reports in {args.out}")
 
 
@@ -224,10 +230,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace existing files in --output")
     p.add_argument("--skip-bad", action="store_true", help="predict the good inputs and report the bad ones")
 
-    p = sub.add_parser("evaluate", help="Dice per case and class of predictions against references")
-    p.add_argument("--pred", required=True, help="folder of predicted label maps")
+    p = sub.add_parser("evaluate", help="Dice, IoU, precision, recall, HD, HD95, ASSD, NSD per case and class; several "
+                                         "prediction folders are compared with paired Wilcoxon tests")
+    p.add_argument("--pred", required=True, nargs="+", help="folder(s) of predicted label maps")
     p.add_argument("--ref", required=True, help="folder of reference label maps (same file names)")
-    p.add_argument("--out", required=True, help="folder for per_case.csv and summary.json")
+    p.add_argument("--out", required=True, help="folder for per_case.csv, summary.json, report.md, box plots")
+    p.add_argument("--surface", choices=["surfel", "voxel"], default="surfel",
+                   help="surface convention: surfel (DeepMind surface-distance, default) or voxel (MONAI)")
+    p.add_argument("--tolerance", type=float, default=1.0, help="NSD tolerance in mm (default 1)")
+    p.add_argument("--workers", type=int, default=1, help="cases evaluated in parallel processes")
     p.add_argument("--dataset-json", help="dataset.json naming the labels (default: beside or above --ref)")
     p.add_argument("--overwrite", action="store_true")
 

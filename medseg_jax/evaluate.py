@@ -1,8 +1,15 @@
-"""Files in, reports out: predictions against references, per case and per class.
+"""Files in, reports out: one or several prediction folders against references, per case, class and metric.
 
-`per_case.csv` has one row per case and foreground class; `summary.json` has the mean Dice per class and over
-foreground classes. Dice is NaN for a class absent from both prediction and reference (it is undefined) and such cases
-are left out of that class's mean, as nnU-Net does; `summary.json` counts them per class.
+    OUT/per_case.csv      prediction x case x class: Dice, IoU, precision, recall, volume difference, HD, HD95, ASSD,
+                          NSD (distances in mm from the reference's voxel spacing), voxel counts
+    OUT/summary.json      per prediction folder, class and metric: mean, median, std, defined n, undefined count;
+                          paired Wilcoxon p-values between folders; top-level `mean_dice` / `per_class` (Dice) of the
+                          first folder
+    OUT/report.md         the same as tables
+    OUT/boxplot_<m>.png   per-case values per class (and folder)
+
+Undefined values (Dice with the class absent from both masks, as nnU-Net; surface distances with an empty mask) are
+NaN in the CSV, left out of means and counted. Every file is read and checked before anything is written.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from tqdm.auto import tqdm
 from medseg_jax import fileio
 from medseg_jax.errors import MedsegError
 from medseg_jax.io import layout, nifti
-from medseg_jax.metrics.overlap import dice_per_class, nanmean
+from medseg_jax.metrics import report
 
 
 def _find_label_names(ref_dir: Path, dataset_json: str | Path | None) -> dict[int, str] | None:
@@ -44,67 +51,136 @@ def _nifti_files(folder: Path, role: str) -> dict[str, Path]:
     return files
 
 
-def _finite_or_none(value: float) -> float | None:
-    """JSON has no NaN: an undefined mean is written as null."""
-    return None if np.isnan(value) else float(value)
+METRICS = ("dice", "iou", "precision", "recall", "hd", "hd95", "assd", "nsd")
+UNITS = {"hd": "mm", "hd95": "mm", "assd": "mm"}
 
 
-def evaluate(pred_dir, ref_dir, out_dir, *, dataset_json=None, overwrite: bool = False) -> dict:
-    pred_dir, ref_dir, out_dir = Path(pred_dir), Path(ref_dir), Path(out_dir)
-    outputs = [out_dir / "per_case.csv", out_dir / "summary.json"]
+def _case_id(name: str) -> str:
+    return name.replace(".nii.gz", "").replace(".nii", "")
+
+
+def _evaluate_one(task) -> tuple[list[dict], str | None]:
+    """Reads one (prediction, reference) pair and scores it; returns (rows, problem). Runs in worker processes."""
+    from medseg_jax.metrics import evaluate_case
+
+    prediction, pred_path, ref_path, names, classes, tolerance_mm, surface = task
+    try:
+        ref, ref_geometry = nifti.read_label(ref_path)
+        pred, pred_geometry = nifti.read_label(pred_path)
+        # Prediction and reference must share one grid, so comparing their canonical arrays compares the files.
+        nifti.check_same_grid(ref_geometry, pred_geometry, ref_path, pred_path)
+        if names is not None:
+            layout.check_declared_labels(ref, names, ref_path)
+            layout.check_declared_labels(pred, names, pred_path)
+            present = classes
+        else:
+            present = sorted(({int(v) for v in np.unique(ref)} | {int(v) for v in np.unique(pred)}) - {0})
+        scores = evaluate_case(pred, ref, ref_geometry.spacing, present, tolerance_mm=tolerance_mm, surface=surface)
+    except MedsegError as exc:
+        return [], str(exc)
+    rows = []
+    for label in present:
+        rows.append({"prediction": prediction, "case": _case_id(Path(ref_path).name), "label": label,
+                     "name": names[label] if names else str(label), **scores[label]})
+    return rows, None
+
+
+def evaluate(pred_dirs, ref_dir, out_dir, *, dataset_json=None, overwrite: bool = False, tolerance_mm: float = 1.0,
+             surface: str = "surfel", workers: int = 1) -> dict:
+    """Scores every prediction folder in `pred_dirs` (a path or a list) against `ref_dir`; writes the reports into
+    `out_dir` and returns summary.json's content."""
+    pred_dirs = [Path(p) for p in ([pred_dirs] if isinstance(pred_dirs, (str, Path)) else pred_dirs)]
+    ref_dir, out_dir = Path(ref_dir), Path(out_dir)
+    if surface not in ("surfel", "voxel"):
+        raise MedsegError(f"--surface {surface}: must be surfel (DeepMind surface-distance) or voxel (MONAI)")
+    if not tolerance_mm > 0:
+        raise MedsegError(f"--tolerance {tolerance_mm}: the NSD tolerance must be a positive distance in mm")
+    outputs = [out_dir / "per_case.csv", out_dir / "summary.json", out_dir / "report.md"]
     existing = [p for p in outputs if p.exists()]
     if existing and not overwrite:
         raise MedsegError(f"{existing[0]}: already exists; pass --overwrite or choose another --out")
-    preds, refs = _nifti_files(pred_dir, "prediction"), _nifti_files(ref_dir, "reference")
-    missing = sorted(set(refs) - set(preds))
-    extra = sorted(set(preds) - set(refs))
-    if missing:
-        raise MedsegError(f"{ref_dir / missing[0]}: no prediction for this reference in {pred_dir} "
-                          f"({len(missing)} missing)")
-    if extra:
-        raise MedsegError(f"{pred_dir / extra[0]}: no reference for this prediction in {ref_dir} ({len(extra)} extra)")
-
+    refs = _nifti_files(ref_dir, "reference")
+    labels_of = {}
+    for index, pred_dir in enumerate(pred_dirs):
+        label = pred_dir.name or str(pred_dir)
+        labels_of[pred_dir] = label if label not in labels_of.values() else f"{label}#{index + 1}"
+        preds = _nifti_files(pred_dir, "prediction")
+        missing, extra = sorted(set(refs) - set(preds)), sorted(set(preds) - set(refs))
+        if missing:
+            raise MedsegError(f"{ref_dir / missing[0]}: no prediction for this reference in {pred_dir} "
+                              f"({len(missing)} missing)")
+        if extra:
+            raise MedsegError(f"{pred_dir / extra[0]}: no reference for this prediction in {ref_dir} "
+                              f"({len(extra)} extra)")
     names = _find_label_names(ref_dir, dataset_json)
-    loaded = []
-    for name in tqdm(sorted(refs), desc="reading", unit="case", leave=False):
-        # Prediction and reference must share one grid, so comparing their canonical arrays compares the files.
-        ref, ref_geometry = nifti.read_label(refs[name])
-        pred, pred_geometry = nifti.read_label(preds[name])
-        nifti.check_same_grid(ref_geometry, pred_geometry, refs[name], preds[name])
-        loaded.append((name, pred, ref))
-    if names is None:
-        values = sorted({int(v) for _, _, ref in loaded for v in np.unique(ref)} | {0})
-        names = {v: str(v) for v in values}
-    if names:
-        for name, pred, ref in loaded:
-            for array, folder in ((ref, ref_dir), (pred, pred_dir)):
-                layout.check_declared_labels(array, names, folder / name)
-    classes = [c for c in sorted(names) if c != 0]
+    classes = [c for c in sorted(names) if c != 0] if names else None
+    tasks = [(labels_of[d], d / name, refs[name], names, classes, float(tolerance_mm), surface)
+             for d in pred_dirs for name in sorted(refs)]
 
-    rows = []
-    for name, pred, ref in tqdm(loaded, desc="evaluating", unit="case"):
-        scores = dice_per_class(pred, ref, classes)
-        for c in classes:
-            rows.append({"case": name.replace(".nii.gz", "").replace(".nii", ""), "label": c,
-                         "name": names[c], "dice": scores[c],
-                         "ref_voxels": int((ref == c).sum()), "pred_voxels": int((pred == c).sum())})
+    rows, problems = [], []
+    if workers > 1:
+        import concurrent.futures
+        import multiprocessing
 
-    per_class = {}
-    undefined = {}
-    for c in classes:
-        values = [r["dice"] for r in rows if r["label"] == c]
-        per_class[names[c]] = nanmean(values)
-        undefined[names[c]] = int(sum(np.isnan(values)))
-    summary = {"mean_dice": _finite_or_none(nanmean(per_class.values())),
-               "per_class": {k: _finite_or_none(v) for k, v in per_class.items()}, "num_cases": len(loaded),
-               "labels": {str(c): names[c] for c in classes}, "cases_with_class_absent_in_both": undefined}
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            results = list(tqdm(pool.map(_evaluate_one, tasks), total=len(tasks), desc="evaluating", unit="case"))
+    else:
+        results = [_evaluate_one(t) for t in tqdm(tasks, desc="evaluating", unit="case")]
+    for case_rows, problem in results:
+        rows.extend(case_rows)
+        if problem:
+            problems.append(problem)
+    if problems:
+        raise MedsegError(problems[0] + (f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""))
+    if names is None:  # no dataset.json: the classes found in any file
+        found = sorted({r["label"] for r in rows})
+        names = {0: "0", **{c: str(c) for c in found}}
+        classes = found
+        # cases without a class get NaN rows so that every case counts for every class
+        present = {(r["prediction"], r["case"], r["label"]) for r in rows}
+        for prediction in labels_of.values():
+            for name in sorted(refs):
+                for c in classes:
+                    if (prediction, _case_id(name), c) not in present:
+                        rows.append({"prediction": prediction, "case": _case_id(name), "label": c, "name": str(c),
+                                     **{m: float("nan") for m in METRICS}, "ref_voxels": 0, "pred_voxels": 0})
+    order = {p: i for i, p in enumerate(labels_of.values())}
+    rows.sort(key=lambda r: (order[r["prediction"]], r["case"], r["label"]))
 
+    stats = report.summarize(rows, METRICS)
+    comparisons = report.wilcoxon_comparisons(rows, METRICS) if len(pred_dirs) > 1 else []
+    first = stats[next(iter(labels_of.values()))]
+    dice = {name: c["dice"]["mean"] for name, c in first["per_class"].items()}
+    summary = {
+        "mean_dice": first["foreground_mean"]["dice"],
+        "per_class": dice,
+        "num_cases": len(refs),
+        "labels": {str(c): names[c] for c in classes},
+        "cases_with_class_absent_in_both": {name: c["dice"]["undefined"] for name, c in first["per_class"].items()},
+        "surface": surface, "tolerance_mm": float(tolerance_mm),
+        "predictions": {p: str(d) for d, p in labels_of.items()},
+        "metrics": stats,
+        "comparisons": comparisons,
+    }
+    columns = ["prediction", "case", "label", "name", *METRICS]
+    extra_columns = [k for k in rows[0] if k not in columns] if rows else []
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=["case", "label", "name", "dice", "ref_voxels", "pred_voxels"])
+    writer = csv.DictWriter(buffer, fieldnames=columns + extra_columns, extrasaction="ignore")
     writer.writeheader()
     for row in rows:
-        writer.writerow({**row, "dice": "nan" if np.isnan(row["dice"]) else f"{row['dice']:.6f}"})
+        writer.writerow({k: (_format(v) if isinstance(v, float) else v) for k, v in row.items()})
+    convention = ("surfel: surface elements as DeepMind's surface-distance" if surface == "surfel"
+                  else "voxel: boundary voxels as MONAI")
+    notes = [f"references: {ref_dir}", f"surface distances in mm, convention {convention}; NSD at "
+             f"{tolerance_mm:g} mm", "undefined values (empty masks) are left out of means and counted"]
     out_dir.mkdir(parents=True, exist_ok=True)
     fileio.write_text(out_dir / "per_case.csv", buffer.getvalue())
     fileio.write_json(out_dir / "summary.json", summary)
+    fileio.write_text(out_dir / "report.md", report.markdown(stats, comparisons, METRICS, notes))
+    for metric in METRICS:
+        report.box_plot(rows, metric, out_dir / f"boxplot_{metric}.png", UNITS.get(metric, ""))
     return summary
+
+
+def _format(value: float) -> str:
+    return "nan" if np.isnan(value) else ("inf" if np.isinf(value) else f"{value:.6g}")

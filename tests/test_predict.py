@@ -88,7 +88,8 @@ def test_evaluate_perfect_and_reports(tiny_dataset, tmp_path):
     assert summary["mean_dice"] == 1.0
     assert summary["per_class"] == {"big": 1.0, "small": 1.0}
     lines = (tmp_path / "eval" / "per_case.csv").read_text().splitlines()
-    assert lines[0] == "case,label,name,dice,ref_voxels,pred_voxels" and len(lines) == 1 + 2 * 2
+    assert lines[0].startswith("prediction,case,label,name,dice,iou,precision,recall,hd,hd95,assd,nsd")
+    assert len(lines) == 1 + 2 * 2
     assert json.loads((tmp_path / "eval" / "summary.json").read_text())["num_cases"] == 2
 
 
