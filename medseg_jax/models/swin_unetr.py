@@ -52,14 +52,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from medseg_jax.models.layers import Norm, UpsampleConv, get_activation
+from medseg_jax.models.unetr import UnetrBasicBlock, UnetrUpBlock  # MONAI's CNN blocks, shared with UNETR
 
 NUM_STAGES = 4  # MONAI's SwinTransformer hard-codes layers1..layers4 and the decoder uses all of them
 MERGING_MODES = ("merging", "mergingv2")
 ENCODER_PARAMS = ("swinViT",)  # top-level param names of the Swin encoder (`convert(..., encoder_only=True)` output)
 LN_EPS = 1e-5  # torch's LayerNorm eps
 
-_lrelu = get_activation("leaky_relu")  # negative_slope 0.01, MONAI's UnetResBlock default
 
 
 # ----------------------------------------------------------------------------------------------------- static helpers
@@ -146,74 +145,6 @@ def _pad_end(x, spatial_pad: Sequence[int]):
 
 
 # ------------------------------------------------------------------------------------------------- CNN (MONAI) blocks
-
-def _norm(kind: str, affine: bool | None, groups: int, dtype, name: str) -> Norm:
-    """MONAI `get_norm_layer`: "instance" (torch InstanceNorm, affine=False by default) or "group" (torch GroupNorm,
-    affine=True by default), eps 1e-5, statistics in float32."""
-    affine = affine if affine is not None else kind == "group"
-    return Norm(kind=kind, affine=affine, num_groups=groups, dtype=dtype, name=name)
-
-
-class UnetResBlock(nn.Module):
-    """MONAI `UnetResBlock` with stride 1: conv-norm-lrelu-conv-norm, + (1x1 conv + norm when channels change),
-    lrelu."""
-
-    features: int
-    kernel_size: int = 3
-    norm_name: str = "instance"
-    norm_affine: bool | None = None
-    norm_groups: int = 8
-    dtype: jnp.dtype | None = None
-
-    @nn.compact
-    def __call__(self, x):
-        nd = x.ndim - 2
-        norm = (self.norm_name, self.norm_affine, self.norm_groups, self.dtype)
-
-        def conv(kernel, name):
-            return nn.Conv(self.features, (kernel,) * nd, padding="SAME", use_bias=False, dtype=self.dtype, name=name)
-
-        residual = x
-        out = _lrelu(_norm(*norm, "norm1")(conv(self.kernel_size, "conv1")(x)))
-        out = _norm(*norm, "norm2")(conv(self.kernel_size, "conv2")(out))
-        if x.shape[-1] != self.features:  # MONAI: downsample = in_channels != out_channels (strides are 1 here)
-            residual = _norm(*norm, "norm3")(conv(1, "conv3")(residual))
-        return _lrelu(out + residual)
-
-
-class UnetrBasicBlock(nn.Module):
-    """MONAI `UnetrBasicBlock(kernel_size=3, stride=1, res_block=True)`: a `UnetResBlock` under the name `layer`."""
-
-    features: int
-    norm_name: str = "instance"
-    norm_affine: bool | None = None
-    norm_groups: int = 8
-    dtype: jnp.dtype | None = None
-
-    @nn.compact
-    def __call__(self, x):
-        return UnetResBlock(self.features, 3, self.norm_name, self.norm_affine, self.norm_groups, self.dtype,
-                            name="layer")(x)
-
-
-class UnetrUpBlock(nn.Module):
-    """MONAI `UnetrUpBlock(kernel_size=3, upsample_kernel_size=2, res_block=True)`: bias-free x2 transposed conv
-    (`transp_conv`), concat [upsampled, skip], then a `UnetResBlock` (`conv_block`) from 2*features channels."""
-
-    features: int
-    norm_name: str = "instance"
-    norm_affine: bool | None = None
-    norm_groups: int = 8
-    dtype: jnp.dtype | None = None
-
-    @nn.compact
-    def __call__(self, x, skip):
-        x = UpsampleConv(self.features, (2,) * (x.ndim - 2), use_bias=False, dtype=self.dtype,
-                         name="transp_conv")(x)
-        x = jnp.concatenate([x, skip.astype(x.dtype)], axis=-1)
-        return UnetResBlock(self.features, 3, self.norm_name, self.norm_affine, self.norm_groups, self.dtype,
-                            name="conv_block")(x)
-
 
 # ------------------------------------------------------------------------------------------------------ Swin blocks
 
@@ -414,7 +345,8 @@ class SwinTransformer(nn.Module):
         for i, depth in enumerate(depths):
             dim = int(self.embed_dim * 2 ** i)
             if self.use_v2:
-                x = conv_block(dim, "instance", None, 8, self.dtype, name=f"layers{i + 1}c")(x)
+                x = conv_block(dim, norm_name="instance", norm_affine=None, norm_groups=8, dtype=self.dtype,
+                               name=f"layers{i + 1}c")(x)
             x = BasicLayer(dim, depth, int(self.num_heads[i]), tuple(self.window_size),
                            tuple(dpr[sum(depths[:i]):sum(depths[:i + 1])]), self.mlp_ratio, self.qkv_bias,
                            self.drop_rate, self.attn_drop_rate, self.downsample, self.dtype, self.remat,
