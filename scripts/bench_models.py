@@ -5,7 +5,8 @@ every registered model, plus the two formulations of the kernel = stride transpo
     python scripts/bench_models.py --patch 128 --batch 2 # a GPU
 
 FLOPs come from XLA's cost analysis of the compiled forward pass (per sample); memory from `memory_analysis()` of the
-compiled train step (arguments + outputs + temporaries - donated buffers, as the planner counts it) (AdamW, Dice+CE, no augmentation, so that the model is what is measured); step time is the
+compiled train step (arguments + outputs + temporaries - donated buffers, as the planner counts it; AdamW, Dice+CE,
+no augmentation, so that the model is what is measured); step time is the
 median of `--steps` timed steps after one warm-up step. Results are printed as a Markdown table and written as JSON.
 """
 

@@ -9,7 +9,8 @@ nnU-Net checkpoints load one-to-one (`medseg_jax.transfer.nnunet`) and give the 
 - ResidualEncoderUNet: a stem conv, then `blocks_per_stage[s]` residual BasicBlockD (conv-norm-act, conv-norm, plus
   the skip: average-pooled when strided, 1x1 conv-norm when the width changes; activation after the sum);
 - decoder (shared): upsample by the stage's stride with a kernel = stride transposed conv (computed as a 1x1 conv and
-  depth-to-space, see `layers.UpsampleConv`), concatenate the skip, `decoder_convs_per_stage` conv blocks, and a 1x1 head.
+  depth-to-space, see `layers.UpsampleConv`), concatenate the skip, `decoder_convs_per_stage` conv blocks, and a 1x1
+  head.
   With deep supervision the model returns the logits of every decoder level, full resolution first.
 
 Mixed precision: `dtype=jnp.bfloat16` computes in bfloat16 with float32 params (norm statistics and the logits stay

@@ -294,7 +294,8 @@ def _shrink(patch, median, divisor) -> list[int] | None:
 
 
 def format_report(report: dict) -> str:
-    lines = [f"plan for {report['model']} on {report['backend']} ({report['device']}), budget {report['budget_gb']:g} GB",
+    lines = [f"plan for {report['model']} on {report['backend']} ({report['device']}), "
+             f"budget {report['budget_gb']:g} GB",
              f"  target spacing     {tuple(round(v, 3) for v in report['target_spacing'])} mm",
              f"  median shape       {tuple(report['median_shape_after_resampling'])}",
              f"  patch size         {tuple(report['patch_size'])}",

@@ -103,3 +103,13 @@ def check_against_template(params: dict, template, source: str) -> None:
         if tuple(flat_params[key]) != tuple(shape):
             raise MedsegError(f"{source}: converted '{key}' has shape {tuple(flat_params[key])}, "
                               f"the architecture needs {tuple(shape)}")
+
+
+def split_args(value, argument: str, arch: str) -> tuple[str, dict]:
+    """MONAI's `split_args`: "NAME" or ("NAME", {kwargs}) -> (lower-case name, kwargs)."""
+    if isinstance(value, str):
+        return value.lower(), {}
+    if isinstance(value, (tuple, list)) and len(value) == 2 and isinstance(value[0], str) \
+            and isinstance(value[1], Mapping):
+        return value[0].lower(), dict(value[1])
+    raise MedsegError(f"{arch} argument '{argument}': expected a name or (name, {{arguments}}), got {value!r}")

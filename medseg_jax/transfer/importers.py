@@ -51,14 +51,16 @@ def _write_run(out: Path, config: ml_collections.ConfigDict, plans: dict | None,
 # --- nnU-Net -------------------------------------------------------------------------------------------------------
 def nnunet_axis_permutation(plans: dict) -> list[int]:
     """network axis a <- our canonical axis. nnU-Net reads volumes as (z, y, x) (file axes reversed; SimpleITK and its
-    NibabelIO alike) and then applies `transpose_forward`; our canonical axes follow the file's (RAS-reoriented) axes."""
+    NibabelIO alike) and then applies `transpose_forward`; our canonical axes follow the file's (RAS-reoriented)
+    axes."""
     forward = [int(v) for v in plans.get("transpose_forward", [0, 1, 2])]
     return [2 - forward[a] for a in range(3)]
 
 
 def nnunet_plans_to_ours(model, permutation: list[int]) -> tuple[dict, list[int], int]:
     """(our plans.json, our patch size, batch size) from an nnU-Net configuration."""
-    plans, dataset_json, conf = model.plans, model.dataset_json, dict(model.plans["configurations"][model.configuration])
+    plans, dataset_json = model.plans, model.dataset_json
+    conf = dict(plans["configurations"][model.configuration])
     while "inherits_from" in conf and "spacing" not in conf:
         conf = {**plans["configurations"][conf.pop("inherits_from")], **conf}
     spacing_network, patch_network = conf["spacing"], conf["patch_size"]

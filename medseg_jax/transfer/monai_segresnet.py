@@ -21,7 +21,8 @@ import numpy as np
 
 from medseg_jax.errors import MedsegError
 from medseg_jax.models.segresnet import SegResNet
-from medseg_jax.transfer.common import StateDict, check_against_template, conv_kernel, set_path, upsample_kernel
+from medseg_jax.transfer.common import (StateDict, check_against_template, conv_kernel, set_path, split_args,
+                                        upsample_kernel)
 
 _MONAI_DEFAULTS: dict[str, Any] = dict(
     spatial_dims=3, init_filters=8, in_channels=1, out_channels=2, dropout_prob=None,
@@ -33,13 +34,7 @@ _ENCODER_PREFIXES = ("convInit", "down_layers_")
 
 
 def _split_args(value, argument: str) -> tuple[str, dict]:
-    """MONAI's `split_args`: "NAME" or ("NAME", {kwargs}) -> (lower-case name, kwargs)."""
-    if isinstance(value, str):
-        return value.lower(), {}
-    if isinstance(value, (tuple, list)) and len(value) == 2 and isinstance(value[0], str) \
-            and isinstance(value[1], Mapping):
-        return value[0].lower(), dict(value[1])
-    raise MedsegError(f"SegResNet argument '{argument}': expected a name or (name, {{arguments}}), got {value!r}")
+    return split_args(value, argument, "SegResNet")
 
 
 def _activation(act) -> str:

@@ -32,7 +32,7 @@ import numpy as np
 from medseg_jax.errors import MedsegError
 from medseg_jax.models.swin_unetr import ENCODER_PARAMS, MERGING_MODES, NUM_STAGES, SwinUNETR
 from medseg_jax.transfer.common import (StateDict, check_against_template, conv_kernel, linear_kernel, set_path,
-                                        upsample_kernel)
+                                        split_args, upsample_kernel)
 
 _MONAI_DEFAULTS: dict[str, Any] = dict(
     in_channels=None, out_channels=None, patch_size=2, depths=(2, 2, 2, 2), num_heads=(3, 6, 12, 24), window_size=7,
@@ -53,13 +53,7 @@ _SSL_STYLES = ("swin_vit.", "module.swin_vit.", "module.", "")
 
 
 def _split_args(value, argument: str) -> tuple[str, dict]:
-    """MONAI's `split_args`: "NAME" or ("NAME", {kwargs}) -> (lower-case name, kwargs)."""
-    if isinstance(value, str):
-        return value.lower(), {}
-    if isinstance(value, (tuple, list)) and len(value) == 2 and isinstance(value[0], str) \
-            and isinstance(value[1], Mapping):
-        return value[0].lower(), dict(value[1])
-    raise MedsegError(f"SwinUNETR argument '{argument}': expected a name or (name, {{arguments}}), got {value!r}")
+    return split_args(value, argument, "SwinUNETR")
 
 
 def _norm(norm_name) -> dict:
