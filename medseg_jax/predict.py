@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from medseg_jax import runs
 from medseg_jax.data import preprocess
 from medseg_jax.errors import MedsegError
+from medseg_jax.infer.postprocess import num_outputs
 from medseg_jax.infer.sliding_window import sliding_window_inference
 from medseg_jax.io import layout, nifti
 
@@ -41,20 +42,21 @@ class Predictor:
         self.mesh = mesh_lib.make_mesh(self.config.mesh.data)
         mesh_lib.check_batch_divisible(self.config.infer.batch_size, self.mesh, key="infer.batch_size")
         self.forward = make_forward(self.model, self.mesh)
-        self.num_classes = len(self.plans["labels"])
+        self.regions = self.config.loss.get("regions") if "loss" in self.config else None
+        self.num_outputs = num_outputs(len(self.plans["labels"]), self.regions)
 
     def logits(self, image: np.ndarray, spacing) -> tuple[np.ndarray, preprocess.Preprocessed]:
         """Canonical image (X, Y, Z, C) -> (logits on the preprocessed grid, the preprocessing record)."""
         pre = preprocess.preprocess_case(image, spacing, self.plans)
         logits = sliding_window_inference(lambda windows: self.forward(self.params, windows), pre.image,
-                                          tuple(self.config.train.patch_size), self.num_classes,
+                                          tuple(self.config.train.patch_size), self.num_outputs,
                                           overlap=self.config.infer.overlap, batch_size=self.config.infer.batch_size)
         return logits, pre
 
     def predict_array(self, image: np.ndarray, spacing) -> np.ndarray:
         """Canonical image (X, Y, Z, C) -> canonical label map (X, Y, Z) on the same grid."""
         logits, pre = self.logits(image, spacing)
-        return preprocess.logits_to_original(logits, pre.crop_box, pre.canonical_shape)
+        return preprocess.logits_to_original(logits, pre.crop_box, pre.canonical_shape, self.regions)
 
     def predict_file(self, paths, output: Path) -> None:
         image, geometry = nifti.read_images(paths)

@@ -121,8 +121,11 @@ def open_for_prediction(path: str | Path, checkpoint: str = "best"):
     if not run.path.is_dir():
         raise MedsegError(f"{run.path}: run directory not found")
     config, plans = run.load_config(), run.load_plans()
-    num_classes = len(plans["labels"])
-    model = build_model(config.model, num_classes=num_classes, in_channels=len(plans["normalization"]),
+    from medseg_jax.infer.postprocess import num_outputs
+
+    regions = config.loss.get("regions") if "loss" in config else None
+    model = build_model(config.model, num_classes=num_outputs(len(plans["labels"]), regions),
+                        in_channels=len(plans["normalization"]),
                         patch_size=config.train.patch_size)
     latest, best = run.checkpoint_managers()
     manager = best if checkpoint == "best" and best.latest_step() is not None else latest

@@ -120,9 +120,12 @@ def map_back(array: np.ndarray, crop_box: Sequence[Sequence[int]], canonical_sha
     return _paste(resize(array, box_shape, order=order), crop_box, canonical_shape, fill)
 
 
-def logits_to_original(logits: np.ndarray, crop_box, canonical_shape) -> np.ndarray:
+def logits_to_original(logits: np.ndarray, crop_box, canonical_shape, regions=None) -> np.ndarray:
     """Preprocessed-grid logits (X', Y', Z', K) -> label map on the canonical original grid (background outside the
-    crop box). The argmax is taken on the crop box, so only one channel is ever full size."""
+    crop box). The logits are resized onto the crop box and turned into labels there (argmax, or the sigmoid regions
+    painted in order with `regions`, see `infer.postprocess`), so only one channel is ever full size."""
+    from medseg_jax.infer.postprocess import to_labels
+
     box_shape = [hi - lo for lo, hi in crop_box]
-    labels = np.argmax(resize(logits, box_shape, order=1), axis=-1)
-    return _paste(labels.astype(np.uint8 if logits.shape[-1] <= 256 else np.int16), crop_box, canonical_shape)
+    labels = to_labels(resize(logits, box_shape, order=1), regions)
+    return _paste(labels.astype(np.uint8 if labels.max(initial=0) < 256 else np.int16), crop_box, canonical_shape)

@@ -241,7 +241,7 @@ class Store:
     def geometry(self, case_id: str) -> nifti.Geometry:
         return nifti.Geometry.from_dict(self.cases[case_id]["geometry"])
 
-    def map_back(self, case_id: str, array: np.ndarray, order: int = 0) -> np.ndarray:
+    def map_back(self, case_id: str, array: np.ndarray, order: int = 0, regions=None) -> np.ndarray:
         """A preprocessed-grid array of a case (a label map: order 0; logits (X', Y', Z', K): order 1, then argmax)
         -> a label map on the case's original canonical grid, through the manifest's crop box and shape.
 
@@ -251,4 +251,4 @@ class Store:
         meta = self.cases[case_id]
         if order == 0:
             return preprocess.map_back(array, meta["crop_box"], meta["canonical_shape"], order=0)
-        return preprocess.logits_to_original(array, meta["crop_box"], meta["canonical_shape"])
+        return preprocess.logits_to_original(array, meta["crop_box"], meta["canonical_shape"], regions)

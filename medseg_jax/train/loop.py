@@ -26,6 +26,7 @@ from medseg_jax.data import loader
 from medseg_jax.data.store import Store
 from medseg_jax.errors import MedsegError
 from medseg_jax.infer.sliding_window import sliding_window_inference
+from medseg_jax.infer.postprocess import num_outputs, to_labels
 from medseg_jax.metrics.overlap import dice_per_class, nanmean
 from medseg_jax.models.registry import build_model
 from medseg_jax.parallel import mesh as mesh_lib
@@ -98,7 +99,7 @@ def load_val_cases(store: Store, case_ids: Sequence[str]) -> list[ValCase]:
 
 
 def evaluate_cases(forward_fn, params, cases: Sequence[ValCase], config, num_classes: int,
-                   on_logits=None) -> dict:
+                   on_logits=None, regions=None) -> dict:
     """Mean Dice per foreground class over `cases` (sliding window on the preprocessed grid); `on_logits(case,
     logits)` is called for each case when given."""
     patch = tuple(config.train.patch_size)
@@ -108,11 +109,11 @@ def evaluate_cases(forward_fn, params, cases: Sequence[ValCase], config, num_cla
 
     per_class: dict[int, list[float]] = {c: [] for c in range(1, num_classes)}
     for case in cases:
-        logits = sliding_window_inference(predict, case.image, patch, num_classes, overlap=config.infer.overlap,
-                                          batch_size=config.infer.batch_size)
+        logits = sliding_window_inference(predict, case.image, patch, num_outputs(num_classes, regions),
+                                          overlap=config.infer.overlap, batch_size=config.infer.batch_size)
         if on_logits is not None:
             on_logits(case, logits)
-        scores = dice_per_class(np.argmax(logits, -1), case.label, range(1, num_classes))
+        scores = dice_per_class(to_labels(logits, regions), case.label, range(1, num_classes))
         for c, value in scores.items():
             per_class[c].append(value)
     means = {c: nanmean(v) for c, v in per_class.items()}
@@ -148,12 +149,12 @@ class MetricsLog:
             self.writer.close()
 
 
-def export_validation(store: Store, run: runs.RunDir, case: ValCase, logits: np.ndarray) -> dict:
+def export_validation(store: Store, run: runs.RunDir, case: ValCase, logits: np.ndarray, regions=None) -> dict:
     """Writes a validation case's prediction in its source file's geometry (through the store's manifest) and scores
     it there against the source label when that file is still readable."""
     from medseg_jax.io import nifti
 
-    prediction = store.map_back(case.case_id, logits, order=1)
+    prediction = store.map_back(case.case_id, logits, order=1, regions=regions)
     geometry = store.geometry(case.case_id)
     nifti.write_label(run.validation_dir / f"{case.case_id}.nii.gz", prediction, geometry)
     label_path = store.source_path(store.cases[case.case_id]["source"]["label"])
@@ -187,7 +188,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, resume: bool =
 
     mesh = mesh_lib.make_mesh(config.mesh.data)
     mesh_lib.check_batch_divisible(config.train.batch_size, mesh)
-    model = build_model(config.model, num_classes=num_classes, in_channels=num_channels, patch_size=patch)
+    regions = config.loss.get("regions")  # region-based training: one sigmoid output per region
+    model = build_model(config.model, num_classes=num_outputs(num_classes, regions), in_channels=num_channels,
+                        patch_size=patch)
     check_patch_size(patch, model)
     tx = step_lib.make_optimizer(config.train)
     schedule = step_lib.make_schedule(config.train)
@@ -235,7 +238,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, resume: bool =
     original_dice: dict = {}
 
     def export_final(case, logits):
-        original_dice[case.case_id] = export_validation(store, run, case, logits)
+        original_dice[case.case_id] = export_validation(store, run, case, logits, regions)
 
     progress = tqdm(range(start_step, end_step), initial=start_step, total=total_steps, desc="training",
                     unit="step", dynamic_ncols=True, disable=jax.process_index() != 0)
@@ -256,7 +259,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, resume: bool =
             train_seconds += time.time() - step_started
             final = done == total_steps and jax.process_index() == 0
             result = evaluate_cases(forward, state.params, val_cases, config, num_classes,
-                                    on_logits=export_final if final else None)
+                                    on_logits=export_final if final else None, regions=regions)
             log.write({"kind": "val", "step": done, **result})
             best_dice = result["val_dice"] if np.isnan(best_dice) else max(best_dice, result["val_dice"])
             runs.save_checkpoint(best, done, state.to_dict(), metrics={"val_dice": result["val_dice"]})
