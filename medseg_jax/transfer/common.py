@@ -113,3 +113,42 @@ def split_args(value, argument: str, arch: str) -> tuple[str, dict]:
             and isinstance(value[1], Mapping):
         return value[0].lower(), dict(value[1])
     raise MedsegError(f"{arch} argument '{argument}': expected a name or (name, {{arguments}}), got {value!r}")
+
+
+def monai_norm(value, argument: str, arch: str) -> dict:
+    """MONAI's norm spec ("instance", ("group", {"num_groups": 8}), ...) -> {"kind", "affine", "groups", "eps"} for
+    the kinds the library has (torch InstanceNorm without running statistics, GroupNorm); anything else is a one-line
+    MedsegError naming `argument`."""
+    name, args = split_args(value, argument, arch)
+    eps = float(args.pop("eps", 1e-5))
+    args.pop("num_channels", None)
+    args.pop("num_features", None)
+    if name == "instance":
+        affine = bool(args.pop("affine", False))  # torch InstanceNorm's default: no scale/bias
+        if args.pop("track_running_stats", False):
+            raise MedsegError(f"{arch} argument '{argument}': INSTANCE with track_running_stats=True is not "
+                              "supported (the library keeps no running statistics)")
+        args.pop("momentum", None)
+        if args:
+            raise MedsegError(f"{arch} argument '{argument}': unsupported INSTANCE arguments {sorted(args)}")
+        return dict(kind="instance", affine=affine, groups=8, eps=eps)
+    if name == "group":
+        if "num_groups" not in args:
+            raise MedsegError(f"{arch} argument '{argument}': GROUP needs num_groups, e.g. ('group', "
+                              "{'num_groups': 8})")
+        groups, affine = int(args.pop("num_groups")), bool(args.pop("affine", True))
+        if args:
+            raise MedsegError(f"{arch} argument '{argument}': unsupported GROUP arguments {sorted(args)}")
+        return dict(kind="group", affine=affine, groups=groups, eps=eps)
+    if name in ("batch", "syncbatch"):
+        raise MedsegError(f"{arch} argument '{argument}': batch norm is not supported (the library keeps no running "
+                          "statistics); use instance or group")
+    raise MedsegError(f"{arch} argument '{argument}': '{name}' is not supported (supported: instance, group)")
+
+
+def monai_norm_fixed_eps(value, argument: str, arch: str) -> dict:
+    """`monai_norm` for modules whose norms use torch's default eps 1e-5 only."""
+    norm = monai_norm(value, argument, arch)
+    if norm["eps"] != 1e-5:
+        raise MedsegError(f"{arch} argument '{argument}': only eps 1e-5 (torch's default) is supported")
+    return norm

@@ -21,8 +21,8 @@ import numpy as np
 
 from medseg_jax.errors import MedsegError
 from medseg_jax.models.segresnet import SegResNet
-from medseg_jax.transfer.common import (StateDict, check_against_template, conv_kernel, set_path, split_args,
-                                        upsample_kernel)
+from medseg_jax.transfer.common import (StateDict, check_against_template, conv_kernel, monai_norm, set_path,
+                                        split_args, upsample_kernel)
 
 _MONAI_DEFAULTS: dict[str, Any] = dict(
     spatial_dims=3, init_filters=8, in_channels=1, out_channels=2, dropout_prob=None,
@@ -59,30 +59,9 @@ def _norm(norm, norm_name: str, num_groups: int) -> dict:
         norm = ("group", {"num_groups": num_groups})
     if norm == "":
         return dict(norm="none")
-    name, args = _split_args(norm, "norm")
-    eps = float(args.pop("eps", 1e-5))
-    args.pop("num_channels", None)
-    args.pop("num_features", None)
-    if name == "group":
-        if "num_groups" not in args:
-            raise MedsegError("SegResNet argument 'norm': GROUP needs num_groups, e.g. ('GROUP', {'num_groups': 8})")
-        groups, affine = int(args.pop("num_groups")), bool(args.pop("affine", True))
-        if args:
-            raise MedsegError(f"SegResNet argument 'norm': unsupported GROUP arguments {sorted(args)}")
-        return dict(norm="group", num_groups=groups, norm_affine=affine, norm_epsilon=eps)
-    if name == "instance":
-        affine = bool(args.pop("affine", False))  # torch InstanceNorm's default: no scale/bias
-        if args.pop("track_running_stats", False):
-            raise MedsegError("SegResNet argument 'norm': INSTANCE with track_running_stats=True is not supported "
-                              "(the library keeps no running statistics)")
-        args.pop("momentum", None)
-        if args:
-            raise MedsegError(f"SegResNet argument 'norm': unsupported INSTANCE arguments {sorted(args)}")
-        return dict(norm="instance", norm_affine=affine, norm_epsilon=eps)
-    if name in ("batch", "syncbatch"):
-        raise MedsegError("SegResNet argument 'norm': batch norm is not supported (the library keeps no running "
-                          "statistics); use GROUP or INSTANCE")
-    raise MedsegError(f"SegResNet argument 'norm': '{name}' is not supported (supported: GROUP, INSTANCE)")
+    spec = monai_norm(norm, "norm", "SegResNet")
+    fields = dict(norm=spec["kind"], norm_affine=spec["affine"], norm_epsilon=spec["eps"])
+    return dict(fields, num_groups=spec["groups"]) if spec["kind"] == "group" else fields
 
 
 def module_from_kwargs(**monai_kwargs) -> SegResNet:

@@ -31,8 +31,8 @@ import numpy as np
 
 from medseg_jax.errors import MedsegError
 from medseg_jax.models.swin_unetr import ENCODER_PARAMS, MERGING_MODES, NUM_STAGES, SwinUNETR
-from medseg_jax.transfer.common import (StateDict, check_against_template, conv_kernel, linear_kernel, set_path,
-                                        split_args, upsample_kernel)
+from medseg_jax.transfer.common import (StateDict, check_against_template, conv_kernel, linear_kernel,
+                                        monai_norm_fixed_eps, set_path, upsample_kernel)
 
 _MONAI_DEFAULTS: dict[str, Any] = dict(
     in_channels=None, out_channels=None, patch_size=2, depths=(2, 2, 2, 2), num_heads=(3, 6, 12, 24), window_size=7,
@@ -52,38 +52,11 @@ _FULL_STYLES = ("swinViT.", "module.swinViT.")
 _SSL_STYLES = ("swin_vit.", "module.swin_vit.", "module.", "")
 
 
-def _split_args(value, argument: str) -> tuple[str, dict]:
-    return split_args(value, argument, "SwinUNETR")
-
-
 def _norm(norm_name) -> dict:
     """The flax module's norm fields for MONAI's `norm_name` (instance or group, eps 1e-5)."""
-    name, args = _split_args(norm_name, "norm_name")
-    if float(args.pop("eps", 1e-5)) != 1e-5:
-        raise MedsegError("SwinUNETR argument 'norm_name': only eps 1e-5 (torch's default) is supported")
-    args.pop("num_channels", None)
-    args.pop("num_features", None)
-    if name == "instance":
-        affine = bool(args.pop("affine", False))  # torch InstanceNorm's default: no scale/bias
-        if args.pop("track_running_stats", False):
-            raise MedsegError("SwinUNETR argument 'norm_name': INSTANCE with track_running_stats=True is not "
-                              "supported (the library keeps no running statistics)")
-        args.pop("momentum", None)
-        if args:
-            raise MedsegError(f"SwinUNETR argument 'norm_name': unsupported INSTANCE arguments {sorted(args)}")
-        return dict(norm_name="instance", norm_affine=affine)
-    if name == "group":
-        if "num_groups" not in args:
-            raise MedsegError("SwinUNETR argument 'norm_name': GROUP needs num_groups, e.g. ('group', "
-                              "{'num_groups': 8})")
-        groups, affine = int(args.pop("num_groups")), bool(args.pop("affine", True))
-        if args:
-            raise MedsegError(f"SwinUNETR argument 'norm_name': unsupported GROUP arguments {sorted(args)}")
-        return dict(norm_name="group", norm_affine=affine, norm_groups=groups)
-    if name in ("batch", "syncbatch"):
-        raise MedsegError("SwinUNETR argument 'norm_name': batch norm is not supported (the library keeps no "
-                          "running statistics); use instance or group")
-    raise MedsegError(f"SwinUNETR argument 'norm_name': '{name}' is not supported (supported: instance, group)")
+    spec = monai_norm_fixed_eps(norm_name, "norm_name", "SwinUNETR")
+    fields = dict(norm_name=spec["kind"], norm_affine=spec["affine"])
+    return dict(fields, norm_groups=spec["groups"]) if spec["kind"] == "group" else fields
 
 
 def _ints(value, argument: str, length: int | None = None) -> tuple[int, ...]:

@@ -26,8 +26,8 @@ import numpy as np
 
 from medseg_jax.errors import MedsegError
 from medseg_jax.models.unetr import ENCODER_PARAMS, NUM_LAYERS, UNETR
-from medseg_jax.transfer.common import (StateDict, check_against_template, conv_kernel, linear_kernel, set_path,
-                                        upsample_kernel)
+from medseg_jax.transfer.common import (StateDict, check_against_template, conv_kernel, linear_kernel,
+                                        monai_norm_fixed_eps, set_path, upsample_kernel)
 
 _UNUSED_CROSS_ATTENTION = re.compile(r"^vit\.blocks\.\d+\.(norm_cross_attn|cross_attn)\.")
 
@@ -39,15 +39,9 @@ _SUPPORTED = {"in_channels", "out_channels", "img_size", "feature_size", "hidden
 def _norm_from_monai(norm_name: Any) -> dict:
     """MONAI's norm_name ("instance", ("instance", {"affine": b}), ("group", {"num_groups": n[, "affine": b]}))
     -> our UNETR norm fields."""
-    name, args = (norm_name, {}) if isinstance(norm_name, str) else (tuple(norm_name) + ({},))[:2]
-    name = str(name).lower()
-    args = dict(args or {})
-    if name == "instance" and set(args) <= {"affine"}:
-        return dict(norm_name="instance", norm_affine=bool(args.get("affine", False)))
-    if name == "group" and "num_groups" in args and set(args) <= {"num_groups", "affine"}:
-        return dict(norm_name="group", norm_affine=bool(args.get("affine", True)), norm_groups=int(args["num_groups"]))
-    raise MedsegError(f"MONAI UNETR argument 'norm_name': {norm_name!r} is not supported (use 'instance', "
-                      "('instance', {'affine': bool}) or ('group', {'num_groups': n, 'affine': bool}))")
+    spec = monai_norm_fixed_eps(norm_name, "norm_name", "MONAI UNETR")
+    fields = dict(norm_name=spec["kind"], norm_affine=spec["affine"])
+    return dict(fields, norm_groups=spec["groups"]) if spec["kind"] == "group" else fields
 
 
 def module_from_kwargs(**monai_kwargs) -> UNETR:
