@@ -85,7 +85,14 @@ def get_config():
     config.infer.overlap = 0.5
     config.infer.batch_size = 2
 
+    # Device mesh (medseg_jax/parallel/mesh.py); `--mesh data=2,space=4` on the command line sets the first two.
     config.mesh = ml_collections.ConfigDict()
-    config.mesh.data = -1  # devices on the data axis; -1: all
+    config.mesh.data = -1  # devices on the data (batch) axis; -1: all devices left after space x space2
+    config.mesh.space = 1  # devices each patch is split over along mesh.space_axis (activations split too)
+    config.mesh.space_axis = 0  # the volume axis split over `space` (0 = X)
+    config.mesh.space2 = 1  # optionally a second split axis
+    config.mesh.space2_axis = 1
+    config.mesh.space_levels = -1  # U-Net levels split over space (from full resolution); -1: all
+    config.mesh.params = "replicated"  # or "sharded": params and optimizer state split over all devices
 
     return config

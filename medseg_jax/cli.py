@@ -23,11 +23,26 @@ def cmd_demo_data(args) -> None:
     print(f"wrote {args.cases} training and {args.test_cases} test {args.modality.upper()} cases to {out}")
 
 
+def _mesh_overrides(text: str | None) -> list[str]:
+    """--mesh data=D,space=S -> --config.mesh.data=D --config.mesh.space=S."""
+    if not text:
+        return []
+    from medseg_jax.parallel.spec import parse_mesh_arg
+
+    return [f"--config.mesh.{name}={value}" for name, value in parse_mesh_arg(text).items()]
+
+
 def cmd_train(args, overrides) -> None:
+    from medseg_jax.parallel import distributed
+
+    # Before anything touches a device: join the other processes of a multi-host run (flags or a detected cluster).
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id, auto=args.distributed)
     from medseg_jax import config as config_lib
     from medseg_jax import runs
     from medseg_jax.errors import MedsegError
     from medseg_jax.train.loop import train
+
+    overrides = _mesh_overrides(args.mesh) + list(overrides)
 
     run = runs.RunDir(args.workdir)
     if args.resume or (not args.config and run.config_path.is_file() and not run.has_checkpoint()):
@@ -49,6 +64,10 @@ def cmd_train(args, overrides) -> None:
     if args.dataset:
         config.data.dataset = args.dataset
     summary = train(config, args.workdir, resume=args.resume)
+    import jax
+
+    if jax.process_index() != 0:
+        return
     print(f"trained {summary['steps']} steps in {summary['train_seconds']:.0f} s on {summary['device']}; "
           f"best validation Dice {summary['best_val_dice']}; run directory {args.workdir}")
 
@@ -101,8 +120,10 @@ def cmd_prepare(args, overrides) -> None:
 def cmd_predict(args) -> None:
     from medseg_jax.predict import predict
 
+    from medseg_jax.parallel.spec import parse_mesh_arg
+
     result = predict(args.run, args.input, args.output, overwrite=args.overwrite, skip_bad=args.skip_bad,
-                     checkpoint=args.checkpoint)
+                     checkpoint=args.checkpoint, mesh=parse_mesh_arg(args.mesh) if args.mesh else None)
     print(f"wrote {len(result['written'])} predictions to {args.output}")
     for failure in result["failed"]:
         print(f"skipped {failure['case']}: {failure['problem']}", file=sys.stderr)
@@ -163,6 +184,57 @@ def cmd_plan(args, overrides) -> None:
           f"`medseg train --workdir {run.path}`")
 
 
+def simulate_devices(count: int) -> None:
+    """Lets JAX's CPU backend offer `count` devices (set before jax is imported; a no-op afterwards)."""
+    if "jax" in sys.modules:
+        return
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if f]
+    current = [f for f in flags if f.startswith("--xla_force_host_platform_device_count=")]
+    if current and int(current[-1].split("=", 1)[1]) >= count:
+        return
+    flags = [f for f in flags if f not in current] + [f"--xla_force_host_platform_device_count={count}"]
+    os.environ["XLA_FLAGS"] = " ".join(flags)
+
+
+def cmd_memory(args, overrides) -> None:
+    import json
+    import math
+
+    from medseg_jax.errors import MedsegError
+    from medseg_jax.parallel.spec import parse_mesh_arg
+
+    shape = parse_mesh_arg(args.mesh)
+    if shape.get("data", 1) < 1:
+        raise MedsegError(f"--mesh {args.mesh}: give the data axis as a number of devices (>= 1)")
+    needed = math.prod(shape.values())
+    simulate_devices(needed)  # CPU devices stand in when this machine has fewer accelerators than the mesh
+    import jax
+
+    from medseg_jax import config as config_lib
+    from medseg_jax.parallel import mesh as mesh_lib
+    from medseg_jax.train.memory import step_memory
+
+    config = config_lib.load_config(args.config, overrides + _mesh_overrides(args.mesh))
+    devices = jax.devices()
+    if len(devices) < needed:
+        devices = jax.devices("cpu")  # this machine has fewer accelerators than the mesh: simulated CPU devices
+    simulated = devices[0].platform == "cpu" and needed > 1
+    if simulated:
+        print(f"medseg memory: compiling for {needed} simulated CPU devices ({len(jax.devices())} "
+              f"{jax.default_backend()} device(s) here): the CPU program's memory; measure on the target accelerator "
+              "for exact figures", file=sys.stderr)
+    num_classes, in_channels = args.classes, args.channels
+    if (num_classes is None or in_channels is None) and config.data.get("store"):
+        from medseg_jax.data.store import Store
+
+        plan = Store(config.data.store).plan
+        num_classes = num_classes or len(plan["labels"])
+        in_channels = in_channels or len(plan["normalization"])
+    layout = mesh_lib.make_layout(config.mesh, devices=devices[:needed], spatial_dims=len(config.train.patch_size))
+    report = step_memory(config, num_classes or 2, in_channels or 1, layout, simulated=simulated)
+    print(json.dumps(report, indent=2))
+
+
 def cmd_import(args, overrides) -> None:
     from medseg_jax.errors import MedsegError
     from medseg_jax.transfer import importers
@@ -212,6 +284,13 @@ def build_parser() -> argparse.ArgumentParser:
                                        "without --config its config is used too")
     p.add_argument("--dataset", help="dataset folder; shorthand for --config.data.dataset=DIR")
     p.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
+    p.add_argument("--mesh", help="devices per mesh axis, e.g. data=2,space=4 (shorthand for --config.mesh.*)")
+    p.add_argument("--coordinator", help="multi-host: HOST:PORT of process 0 (with --num-processes, --process-id)")
+    p.add_argument("--num-processes", type=int, help="multi-host: number of processes")
+    p.add_argument("--process-id", type=int, help="multi-host: this process's index, 0 .. N-1")
+    p.add_argument("--distributed", action="store_true",
+                   help="multi-host: let jax.distributed.initialize find the cluster (TPU pod slices, ...); "
+                        "SLURM (srun) and Open MPI (mpirun) are detected without it")
 
     p = sub.add_parser("prepare", help="validate, fingerprint, plan and preprocess a dataset into a zarr3 store; "
                                        "extra --config.data.key=value arguments override the data config")
@@ -229,6 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", choices=["best", "latest"], default="best")
     p.add_argument("--overwrite", action="store_true", help="replace existing files in --output")
     p.add_argument("--skip-bad", action="store_true", help="predict the good inputs and report the bad ones")
+    p.add_argument("--mesh", help="devices per mesh axis for the windows, e.g. data=2 or space=4 (default: the "
+                                  "local devices on data)")
 
     p = sub.add_parser("evaluate", help="Dice, IoU, precision, recall, HD, HD95, ASSD, NSD per case and class; several "
                                          "prediction folders are compared with paired Wilcoxon tests")
@@ -256,6 +337,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", required=True, help="run directory to plan (new); then `medseg train --workdir`")
     p.add_argument("--budget-gb", type=float, help="device memory to plan for (default: the model preset's, "
                                                    "ResEnc M/L/XL 8/24/40, else 8)")
+
+    p = sub.add_parser("memory", help="compile the train step for a mesh without running it and print its "
+                                       "per-device peak memory as JSON; extra --config.key=value override the config")
+    p.add_argument("--config", required=True, help="experiment file with get_config()")
+    p.add_argument("--mesh", default="data=1", help="devices per mesh axis, e.g. data=2,space=4 (default data=1)")
+    p.add_argument("--classes", type=int, help="output classes incl. background (default: data.store's, else 2)")
+    p.add_argument("--channels", type=int, help="input channels (default: data.store's, else 1)")
 
     p = sub.add_parser("import", help="turn PyTorch-trained weights (nnU-Net v2, MONAI) into a run directory")
     source = p.add_subparsers(dest="source", required=True)
@@ -285,9 +373,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     try:
-        if args.command in ("train", "demo", "prepare", "import", "plan"):
+        if args.command in ("train", "demo", "prepare", "import", "plan", "memory"):
             handler = {"train": cmd_train, "demo": cmd_demo, "prepare": cmd_prepare, "import": cmd_import,
-                       "plan": cmd_plan}[args.command]
+                       "plan": cmd_plan, "memory": cmd_memory}[args.command]
             handler(args, _overrides(unknown, parser))
         else:
             if unknown:

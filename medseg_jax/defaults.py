@@ -9,6 +9,7 @@ from medseg_jax.augment.pipeline import augment_config
 from medseg_jax.data.fingerprint import default_data_config
 from medseg_jax.losses.config import loss_config
 from medseg_jax.models.registry import model_config
+from medseg_jax.parallel.mesh import mesh_config
 
 
 def base_config(model: str = "plain_unet") -> ml_collections.ConfigDict:
@@ -29,5 +30,5 @@ def base_config(model: str = "plain_unet") -> ml_collections.ConfigDict:
         weight_decay=3e-5, schedule="poly", warmup_steps=0, grad_clip=12.0, log_every=50, val_every=5000,
         checkpoint_every=1000, init_from=""))
     config.infer = ml_collections.ConfigDict(dict(overlap=0.5, batch_size=2))
-    config.mesh = ml_collections.ConfigDict(dict(data=-1))
+    config.mesh = mesh_config()
     return config

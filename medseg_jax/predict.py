@@ -34,14 +34,28 @@ def output_name(case_id: str, paths) -> str:
 class Predictor:
     """A loaded run: `predict_array(image, spacing)` and `predict_file(paths, output)`."""
 
-    def __init__(self, run_dir: str | Path, checkpoint: str = "best"):
+    def __init__(self, run_dir: str | Path, checkpoint: str = "best", mesh: dict | None = None):
+        import jax
+
         from medseg_jax.parallel import mesh as mesh_lib
         from medseg_jax.train.step import make_forward
 
-        self.config, self.plans, self.model, self.params = runs.open_for_prediction(run_dir, checkpoint)
-        self.mesh = mesh_lib.make_mesh(self.config.mesh.data)
-        mesh_lib.check_batch_divisible(self.config.infer.batch_size, self.mesh, key="infer.batch_size")
-        self.forward = make_forward(self.model, self.mesh)
+        self.config, self.plans, self.model, params = runs.open_for_prediction(run_dir, checkpoint)
+        patch = tuple(int(p) for p in self.config.train.patch_size)
+        batch = int(self.config.infer.batch_size)
+        # The training mesh need not exist here: by default every local device takes windows (as many as divide the
+        # window batch); `mesh` ({"data": D, "space": S, ...}) splits each window over devices instead.
+        section = dict(mesh or {})
+        if section.get("data", -1) in (-1, None):
+            space = int(section.get("space", 1)) * int(section.get("space2", 1))
+            available = max(1, len(jax.devices()) // space)
+            section["data"] = max(d for d in range(1, min(batch, available) + 1) if batch % d == 0)
+        self.layout = mesh_lib.make_layout(section, spatial_dims=len(patch))
+        mesh_lib.check_batch_divisible(batch, self.layout, key="infer.batch_size")
+        mesh_lib.check_patch(self.layout, patch, self.model)
+        self.params = jax.device_put(params, self.layout.tree_shardings(params))
+        self.forward = make_forward(self.model, self.layout, (batch, *patch, len(self.plans["normalization"])),
+                                    self.params)
         self.regions = self.config.loss.get("regions") if "loss" in self.config else None
         self.num_outputs = num_outputs(len(self.plans["labels"]), self.regions)
 
@@ -78,7 +92,7 @@ def check_inputs(inputs) -> list[tuple[str, tuple, str]]:
 
 
 def predict(run_dir, input_path, output_dir, *, overwrite: bool = False, skip_bad: bool = False,
-            checkpoint: str = "best") -> dict:
+            checkpoint: str = "best", mesh: dict | None = None) -> dict:
     """Predicts every scan under `input_path` into `output_dir`. Returns {"written": [...], "failed": [...]}.
 
     Before writing anything: all inputs are read and checked, and existing outputs are refused unless `overwrite`.
@@ -91,7 +105,7 @@ def predict(run_dir, input_path, output_dir, *, overwrite: bool = False, skip_ba
     if existing and not overwrite:
         raise MedsegError(f"{existing[0]}: already exists ({len(existing)} outputs would be overwritten); "
                           "pass --overwrite or choose another --output")
-    predictor = Predictor(run_dir, checkpoint)
+    predictor = Predictor(run_dir, checkpoint, mesh)
     problems = check_inputs(inputs)
     if problems and not skip_bad:
         more = f" (and {len(problems) - 1} more bad inputs)" if len(problems) > 1 else ""

@@ -93,6 +93,12 @@ def save_checkpoint(manager: ocp.CheckpointManager, step: int, state_dict, data_
     manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
 
 
+def has_data_state(manager: ocp.CheckpointManager, step: int) -> bool:
+    """Whether checkpoint `step` holds this process's loader state (written by the same number of processes)."""
+    path = Path(manager.directory) / str(step) / "data" / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    return path.is_file()
+
+
 def restore_into(manager: ocp.CheckpointManager, step: int, template, data_iterator=None):
     """Restores checkpoint `step` with the structure, dtypes and shardings of `template` (a pytree of arrays), and the
     grain iterator `data_iterator` in place when given."""
@@ -109,8 +115,13 @@ def restore_into(manager: ocp.CheckpointManager, step: int, template, data_itera
 
 
 def restore_raw(manager: ocp.CheckpointManager, step: int) -> dict:
-    """The saved "state" item as written (nested dicts of arrays), with no template."""
-    return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    """The saved "state" item as written (nested dicts of arrays) on this process's first device, whatever mesh or
+    process count wrote it (prediction and fine-tuning read any run this way)."""
+    metadata = ocp.StandardCheckpointer().metadata(Path(manager.directory) / str(step) / "state")
+    tree = getattr(metadata, "item_metadata", metadata)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device), tree)
+    return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
 
 
 def open_for_prediction(path: str | Path, checkpoint: str = "best"):

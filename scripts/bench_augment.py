@@ -117,14 +117,15 @@ def time_train_step(preset, repeats):
 
     config = load_config(REPO / "experiments" / "demo.py")
     patch = tuple(config.train.patch_size)
-    mesh = mesh_lib.make_mesh(1)
+    mesh = mesh_lib.make_layout(mesh_lib.mesh_config(data=1))
     model = build_model(config.model, num_classes=5)
     tx = step_lib.make_optimizer(config.train)
     state = step_lib.create_train_state(model, tx, (1, *patch, 1), jax.random.key(0), mesh)
     pipeline = make_pipeline(preset, patch, num_classes=5) if preset else None
     in_size = pipeline.input_size if pipeline else patch
     train_step = step_lib.make_train_step(model, tx, step_lib.make_loss_fn(config.loss), pipeline,
-                                          step_lib.make_schedule(config.train), mesh, state)
+                                          step_lib.make_schedule(config.train), mesh, state,
+                                          step_lib.batch_shapes(2, in_size, 1))
     rng = np.random.default_rng(0)
     batch = {"image": jnp.asarray(rng.normal(size=(2, *in_size, 1)).astype(np.float32)),
              "label": jnp.asarray(rng.integers(0, 5, (2, *in_size)).astype(np.int32))}

@@ -58,7 +58,7 @@ def bench_model(label, name, overrides, patch, batch, steps, num_classes=3, in_c
     config.train.optimizer, config.train.learning_rate, config.train.schedule = "adamw", 1e-4, "constant"
     config.train.batch_size, config.train.patch_size = batch, tuple(patch)
     model = build_model(config.model, num_classes=num_classes, in_channels=in_channels, patch_size=patch)
-    mesh = mesh_lib.make_mesh(1)
+    mesh = mesh_lib.make_layout(mesh_lib.mesh_config(data=1))
     tx = step_lib.make_optimizer(config.train)
     state = step_lib.create_train_state(model, tx, (1, *patch, in_channels), jax.random.key(0), mesh)
     params = sum(int(np.size(v)) for v in jax.tree.leaves(state.params))
@@ -70,7 +70,8 @@ def bench_model(label, name, overrides, patch, batch, steps, num_classes=3, in_c
     flops = float(cost.get("flops", float("nan")))
 
     train_step = step_lib.make_train_step(model, tx, step_lib.make_loss_fn(config.loss), None,
-                                          step_lib.make_schedule(config.train), mesh, state)
+                                          step_lib.make_schedule(config.train), mesh, state,
+                                          step_lib.batch_shapes(batch, patch, in_channels))
     rng = np.random.default_rng(0)
     batch_arrays = {"image": jnp.asarray(rng.normal(size=(batch, *patch, in_channels)), jnp.float32),
                     "label": jnp.asarray(rng.integers(0, num_classes, size=(batch, *patch)), jnp.int32)}

@@ -74,11 +74,28 @@ def tiny_config(dataset: Path | str = "", steps: int = 6):
     from medseg_jax.config import load_config
 
     return load_config(REPO / "experiments" / "demo.py", [
-        f"--config.data.dataset={dataset}", "--config.data.val_cases=1",
-        "--config.model.features=(4,8)", "--config.train.patch_size=(16,16,8)", f"--config.train.steps={steps}",
-        "--config.train.log_every=1", f"--config.train.val_every={steps}", "--config.train.checkpoint_every=2",
-        "--config.train.warmup_steps=1", "--config.train.learning_rate=0.02", "--config.data.target_spacing=(2,2,3)",
-    ])
+        f"--config.data.dataset={dataset}", f"--config.train.steps={steps}", f"--config.train.val_every={steps}",
+        *TINY_OVERRIDES])
+
+
+TINY_OVERRIDES = ["--config.data.val_cases=1", "--config.model.features=(4,8)", "--config.train.patch_size=(16,16,8)",
+                  "--config.train.log_every=1", "--config.train.checkpoint_every=2", "--config.train.warmup_steps=1",
+                  "--config.train.learning_rate=0.02", "--config.data.target_spacing=(2,2,3)"]
+
+
+def run_worker(script: str, *args: str, devices: int = 8, timeout: int = 900):
+    """Runs tests/workers/SCRIPT in a fresh Python with `devices` fake CPU devices (XLA_FLAGS must be set before jax
+    starts) and returns the JSON it printed after "RESULT "."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "workers" / script), *args], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert lines, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return json.loads(lines[-1][len("RESULT "):])
 
 
 @pytest.fixture(scope="session")

@@ -11,10 +11,11 @@ The sample stream is a pure function of (seed, step, sample index in the global 
 - the patch is read from the store (image and label concurrently, tensorstore); outside the volume it is 0.
 
 The grain pipeline `MapDataset.range -> map(sample) -> to_iter_dataset (threads) -> [mp_prefetch (processes)] ->
-batch` yields each process's share of every global batch (process i reads only samples i*B/P ... (i+1)*B/P - 1), with
-bounded prefetch buffers. Its iterator state is checkpointed with orbax (grain's CheckpointSave/CheckpointRestore) so a
-resumed run sees the same stream; `device_batches` puts each batch on the mesh with
-`jax.make_array_from_process_local_data`.
+batch` yields each process's share of every global batch (the rows its devices hold on the mesh, e.g. process i of P
+reads samples i*B/P ... (i+1)*B/P - 1 when the batch is split over processes), with bounded prefetch buffers. Its
+iterator state is checkpointed with orbax (grain's CheckpointSave/CheckpointRestore) so a resumed run sees the same
+stream; a run resumed on another process count restarts the stream at the checkpoint's step instead, which gives the
+same samples. `device_batches` puts each batch on the mesh, each local device receiving its slice.
 """
 
 from __future__ import annotations
@@ -109,15 +110,15 @@ def _parse_absl_flags() -> None:
 
 
 def make_dataset(sampler: PatchSampler, num_steps: int, *, workers: int = 0, threads: int = 2,
-                 prefetch_batches: int = 2) -> grain.IterDataset:
-    """The grain pipeline over steps [0, num_steps): one element per step (this process's samples stacked).
+                 prefetch_batches: int = 2, start_step: int = 0) -> grain.IterDataset:
+    """The grain pipeline over steps [start_step, num_steps): one element per step (this process's samples stacked).
 
     `workers` > 0 reads in that many processes (grain mp_prefetch, spawned); `threads` per process overlap the
     tensorstore reads; buffers hold about `prefetch_batches` batches per process so memory stays bounded."""
     per = len(sampler.local_indices)
     if workers < 0 or threads < 0:
         raise MedsegError("config keys 'data.workers' and 'data.threads' must be >= 0")
-    dataset = grain.MapDataset.range(num_steps * per).map(sampler)
+    dataset = grain.MapDataset.range(start_step * per, num_steps * per).map(sampler)
     buffer = max(1, prefetch_batches * per)
     iter_dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=buffer))
     if workers > 0:
@@ -127,9 +128,10 @@ def make_dataset(sampler: PatchSampler, num_steps: int, *, workers: int = 0, thr
     return iter_dataset.batch(per, drop_remainder=True, batch_fn=_stack)
 
 
-def device_batches(iterator: Iterator[dict], sharding) -> Iterator[dict]:
-    """Host batches -> global jax.Arrays on the mesh (each process contributes its local shard)."""
-    import jax
+def device_batches(iterator: Iterator[dict], shardings: dict, shapes: dict, rows: Sequence[int]) -> Iterator[dict]:
+    """Host batches -> global jax.Arrays of `shapes` on the mesh: this process holds batch rows `rows` and places
+    each local device's slice of them (a sample split over the spatial mesh axes included)."""
+    from medseg_jax.parallel.mesh import from_local_rows
 
     for batch in iterator:
-        yield {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+        yield {k: from_local_rows(rows, v, shardings[k], shapes[k]) for k, v in batch.items()}

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from medseg_jax.models.layers import Norm, UpsampleConv, get_activation, torch_padding
+from medseg_jax.parallel.mesh import constrain
 
 UPSAMPLE_MODES = ("nontrainable", "deconv")
 
@@ -115,6 +116,10 @@ class SegResNet(nn.Module):
         """The factor every input axis must divide by."""
         return (2 ** (len(self.blocks_down) - 1),) * self.spatial_dims
 
+    def stage_strides(self) -> list[tuple[int, ...]]:
+        """The downsampling of each level (the first keeps full resolution), as the U-Nets report it."""
+        return [(1,) * self.spatial_dims] + [(2,) * self.spatial_dims] * (len(self.blocks_down) - 1)
+
     def _check(self, x) -> None:
         if self.spatial_dims not in (2, 3):
             raise ValueError(f"SegResNet: spatial_dims must be 2 or 3, not {self.spatial_dims}")
@@ -155,6 +160,7 @@ class SegResNet(nn.Module):
                 x = _conv(features, nd, 3, strides=2, dtype=dtype, name=f"down_layers_{i}_0")(x)
             for j in range(count):
                 x = block_cls(features, **block, name=f"down_layers_{i}_{j + 1}")(x)
+            x = constrain(x, i)  # a spatially sharded mesh keeps every level split (parallel/mesh.py)
             skips.append(x)
 
         skips.pop()
@@ -169,6 +175,7 @@ class SegResNet(nn.Module):
             x = x + skips.pop()
             for j in range(self.blocks_up[i]):
                 x = block_cls(features, **block, name=f"up_layers_{i}_{j}")(x)
+            x = constrain(x, n_up - i - 1)
 
         if self.use_conv_final:
             x = Norm(self.norm, num_groups=self.num_groups, affine=self.norm_affine, epsilon=self.norm_epsilon,

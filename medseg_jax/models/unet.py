@@ -25,6 +25,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from medseg_jax.models.layers import ConvNormAct, Norm, Upsample, get_activation
+from medseg_jax.parallel.mesh import constrain
 
 # nnU-Net's ResEnc presets (nnUNetPlannerResEnc{M,L,XL}): the same topology rule, sized for a GPU memory target.
 RESENC_BLOCKS = (1, 3, 4, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6)
@@ -90,8 +91,9 @@ class _UNetBase(nn.Module):
         for stage in range(len(self.features) - 2, -1, -1):
             x = stage_cls(self.features[stage], strides[stage + 1], kernels[stage], decoder_convs[stage],
                           upsample=self.upsample, name=f"decoder{stage}", **self._block())(x, skips[stage])
+            x = constrain(x, stage)
             if self.deep_supervision or stage == 0:
-                outputs.append(nn.Dense(self.num_classes, dtype=self.dtype, name=f"head{stage}")(x))
+                outputs.append(constrain(nn.Dense(self.num_classes, dtype=self.dtype, name=f"head{stage}")(x), stage))
         return [o.astype(jnp.float32) for o in reversed(outputs)]  # full resolution first
 
     def _select(self, outputs, train: bool):
@@ -153,6 +155,7 @@ class PlainConvUNet(_UNetBase):
         for stage, features in enumerate(self.features):
             x = stage_cls(features, strides[stage], kernels[stage], convs[stage], name=f"encoder{stage}",
                           **self._block())(x)
+            x = constrain(x, stage)  # a spatially sharded mesh keeps every level split (parallel/mesh.py)
             skips.append(x)
         return self._select(self._decode(skips, strides, kernels), train)
 
@@ -224,6 +227,7 @@ class ResidualEncoderUNet(_UNetBase):
         for stage, (features, blocks) in enumerate(zip(self.features, self.stage_blocks())):
             x = stage_cls(features, strides[stage], kernels[stage], blocks, name=f"encoder{stage}",
                           **self._block())(x)
+            x = constrain(x, stage)  # a spatially sharded mesh keeps every level split (parallel/mesh.py)
             skips.append(x)
         return self._select(self._decode(skips, strides, kernels), train)
 

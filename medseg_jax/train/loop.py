@@ -39,6 +39,12 @@ def describe_device() -> str:
     return f"{len(devices)}x {devices[0].platform} ({kind})"
 
 
+def describe_layout(layout: mesh_lib.Layout) -> str:
+    shape = " x ".join(f"{name}={size}" for name, size in layout.describe().items() if size > 1) or "one device"
+    processes = f", {jax.process_count()} processes" if jax.process_count() > 1 else ""
+    return f"mesh {shape}{processes}"
+
+
 def split_cases(case_ids: Sequence[str], num_val: int) -> tuple[list[str], list[str]]:
     """The last `num_val` case ids (sorted) are held out for validation."""
     if num_val < 0 or num_val >= len(case_ids):
@@ -74,9 +80,14 @@ def open_training_store(config: ml_collections.ConfigDict, workdir: Path) -> Sto
         from medseg_jax.data.prepare import prepare
 
         path = Path(workdir) / "store"
-        if not (path / "manifest.json").is_file():
-            print(f"preparing {config.data.dataset} into {path}")
-        prepare(config.data.dataset, path, config.data, workers=max(1, int(config.data.prepare_workers)))
+        if jax.process_index() == 0:  # one process prepares; the others wait for it and read the result
+            if not (path / "manifest.json").is_file():
+                print(f"preparing {config.data.dataset} into {path}")
+            prepare(config.data.dataset, path, config.data, workers=max(1, int(config.data.prepare_workers)))
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("medseg: store prepared")
         store = Store(path)
     else:
         raise MedsegError("config keys 'data.store' and 'data.dataset' are both empty: pass "
@@ -176,59 +187,77 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, resume: bool =
     planned = ("store", "config.json", "model_plan.json")  # what `medseg plan` leaves for training to start from
     if not resume and run.path.exists() and any(p.name not in planned for p in run.path.iterdir()):
         raise MedsegError(f"{run.path}: work directory is not empty; pass --resume to continue it or choose another")
+    if jax.process_count() > 1:  # every process has looked at the directory before any writes to it
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("medseg: run directory checked")
 
     started = time.time()
+    patch = tuple(int(p) for p in config.train.patch_size)
+    layout = mesh_lib.make_layout(config.get("mesh"), spatial_dims=len(patch))  # checked before any data is touched
+    mesh_lib.check_batch_divisible(config.train.batch_size, layout)
+    mesh_lib.check_batch_divisible(config.infer.batch_size, layout, key="infer.batch_size")
     store = open_training_store(config, run.path)
     plan = store.plan
     train_ids, val_ids = split_cases(store.case_ids, config.data.val_cases)
     val_cases = load_val_cases(store, val_ids)
     num_classes = len(plan["labels"])
     num_channels = len(plan["normalization"])
-    patch = tuple(int(p) for p in config.train.patch_size)
-
-    mesh = mesh_lib.make_mesh(config.mesh.data)
-    mesh_lib.check_batch_divisible(config.train.batch_size, mesh)
     regions = config.loss.get("regions")  # region-based training: one sigmoid output per region
     model = build_model(config.model, num_classes=num_outputs(num_classes, regions), in_channels=num_channels,
                         patch_size=patch)
     check_patch_size(patch, model)
+    mesh_lib.check_patch(layout, patch, model)
     tx = step_lib.make_optimizer(config.train)
     schedule = step_lib.make_schedule(config.train)
     root_key = jax.random.key(config.seed)
     init_key, step_key = jax.random.split(root_key)
-    state = step_lib.create_train_state(model, tx, (1, *patch, num_channels), init_key, mesh)
+    state = step_lib.create_train_state(model, tx, (1, *patch, num_channels), init_key, layout)
 
     total_steps = config.train.steps
     augment_fn = augment.make_pipeline(config.augment, patch, num_classes)
     # The sampler reads the pipeline's input size: a margin around the patch so rotated corners are not empty.
+    shapes = step_lib.batch_shapes(config.train.batch_size, augment_fn.input_size, num_channels)
+    shardings = step_lib.batch_shardings(layout, shapes)
+    # Each process reads only the samples its devices hold (all of them when the batch is not split over processes).
+    rows = mesh_lib.local_rows(shardings["image"], shapes["image"])
     sampler = loader.PatchSampler(store, train_ids, augment_fn.input_size, config.train.batch_size,
-                                  config.data.oversample_foreground, config.seed,
-                                  loader.local_indices(config.train.batch_size, jax.process_index(),
-                                                       jax.process_count()))
+                                  config.data.oversample_foreground, config.seed, rows)
+    if jax.process_count() > 1:
+        print(f"process {jax.process_index()} of {jax.process_count()}: {jax.local_device_count()} local devices, "
+              f"reads batch rows {rows}", flush=True)
+    start_step = 0
+    latest, best = run.checkpoint_managers()
+    data_restorable = False
+    if resume:
+        start_step = latest.latest_step()
+        # The loader's own state restores when this process count wrote it; otherwise the stream restarts at the
+        # checkpoint's step, which gives the same batches (every sample is a function of seed, step and row).
+        data_restorable = runs.has_data_state(latest, start_step)
     dataset = loader.make_dataset(sampler, total_steps, workers=config.data.workers, threads=config.data.threads,
-                                  prefetch_batches=config.data.prefetch_batches)
+                                  prefetch_batches=config.data.prefetch_batches,
+                                  start_step=0 if data_restorable else start_step)
     data_iterator = iter(dataset)
 
     run.path.mkdir(parents=True, exist_ok=True)
-    if not resume:
+    if not resume and jax.process_index() == 0:
         run.save_config(config)
         run.save_plans(plan)
-    latest, best = run.checkpoint_managers()
-    start_step = 0
     if resume:
-        start_step = latest.latest_step()
-        state = runs.restore_into(latest, start_step, state, data_iterator)
-        print(f"resumed from step {start_step}")
+        state = runs.restore_into(latest, start_step, state, data_iterator if data_restorable else None)
+        if jax.process_index() == 0:
+            print(f"resumed from step {start_step} on {describe_layout(layout)}")
     elif config.train.get("init_from"):
         params, report = runs.init_params_from(config.train.init_from, state.params)
         state = state.replace(params=params)
-        print(report)
+        if jax.process_index() == 0:
+            print(report)
     log = MetricsLog(run, keep_until_step=start_step if resume else None)
 
-    train_step = step_lib.make_train_step(model, tx, step_lib.make_loss_fn(config.loss), augment_fn, schedule, mesh,
-                                          state)
-    forward = step_lib.make_forward(model, mesh)
-    batches = loader.device_batches(data_iterator, mesh_lib.batch_sharding(mesh))
+    train_step = step_lib.make_train_step(model, tx, step_lib.make_loss_fn(config.loss), augment_fn, schedule, layout,
+                                          state, shapes)
+    forward = step_lib.make_forward(model, layout, (config.infer.batch_size, *patch, num_channels), state.params)
+    batches = loader.device_batches(data_iterator, shardings, shapes, rows)
 
     end_step = total_steps if stop_at_step is None else min(stop_at_step, total_steps)
     best_dice = max([r["val_dice"] for r in run.read_metrics() if r.get("kind") == "val"] or [float("nan")])
@@ -248,7 +277,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, resume: bool =
         pending.append(metrics)
         done = step + 1
         if done % config.train.log_every == 0 or done == end_step:
-            values = jax.device_get(pending)
+            values = [{k: float(mesh_lib.to_host(v)) for k, v in m.items()} for m in pending]
             record = {"kind": "train", "step": done,
                       **{k: float(np.mean([v[k] for v in values])) for k in values[0]}}
             pending = []
@@ -275,9 +304,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, resume: bool =
     best.wait_until_finished()
     log.close()
 
-    summary = {"steps": int(jax.device_get(state.step)), "total_steps": total_steps,
+    summary = {"steps": int(mesh_lib.to_host(state.step)), "total_steps": total_steps,
                "train_seconds": round(train_seconds, 1), "wall_seconds": round(time.time() - started, 1),
-               "device": describe_device(), "best_val_dice": None if np.isnan(best_dice) else best_dice,
+               "device": describe_device(), "mesh": layout.describe(),
+               "processes": jax.process_count(), "best_val_dice": None if np.isnan(best_dice) else best_dice,
                "best_step": best.best_step(), "store": str(store.root)}
     if original_dice:
         per_class = {str(c): nanmean([d.get(c, float("nan")) for d in original_dice.values()])

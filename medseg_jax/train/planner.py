@@ -27,7 +27,6 @@ import math
 from typing import Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -103,45 +102,23 @@ class Measurement:
 
 
 def compiled_step_bytes(config: ml_collections.ConfigDict, num_classes: int, in_channels: int) -> int:
-    """Peak memory XLA reports for the train step of `config` (model, train.patch_size, train.batch_size, augment)."""
-    from jax.sharding import Mesh
+    """Peak memory XLA reports for the train step of `config` (model, train.patch_size, train.batch_size, augment)
+    on one device."""
+    from medseg_jax.parallel import mesh as mesh_lib
+    from medseg_jax.train.memory import compile_train_step
 
-    from medseg_jax import augment
-    from medseg_jax.models.registry import build_model
-    from medseg_jax.train import step as step_lib
-
-    patch = tuple(int(p) for p in config.train.patch_size)
-    batch = int(config.train.batch_size)
-    model = build_model(config.model, num_classes=num_classes, in_channels=in_channels, patch_size=patch)
-    tx = step_lib.make_optimizer(config.train)
-    schedule = step_lib.make_schedule(config.train)
-    mesh = Mesh(np.asarray(jax.devices()[:1]), ("data",))
-    augment_fn = augment.make_pipeline(config.augment, patch, num_classes)
-    input_size = tuple(augment_fn.input_size)
-
-    def init(key):
-        params = model.init(key, jnp.zeros((1, *patch, in_channels), jnp.float32))["params"]
-        return step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-
-    abstract_state = jax.eval_shape(init, jax.random.key(0))
-    loss_fn = step_lib.make_loss_fn(config.loss)
-    train_step = step_lib.make_train_step(model, tx, loss_fn, augment_fn, schedule, mesh, abstract_state)
-    batch_abstract = {"image": jax.ShapeDtypeStruct((batch, *input_size, in_channels), jnp.float32),
-                      "label": jax.ShapeDtypeStruct((batch, *input_size), jnp.int32)}
-    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
-    compiled = train_step.lower(abstract_state, batch_abstract, key).compile()
+    layout = mesh_lib.make_layout(mesh_lib.mesh_config(data=1), devices=jax.devices()[:1],
+                                  spatial_dims=len(config.train.patch_size))
+    compiled, _ = compile_train_step(config, num_classes, in_channels, layout)
     return compiled_bytes(compiled)
 
 
 def compiled_bytes(compiled) -> int:
     """Device memory a compiled program needs: its arguments, outputs and temporaries, less donated (aliased) buffers.
     XLA's own `peak_memory_in_bytes` is used when larger (on CPU it counts only part of this)."""
-    stats = compiled.memory_analysis()
-    if stats is None:
-        raise MedsegError(f"the {jax.default_backend()} backend reports no memory analysis; plan on another device")
-    total = stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes \
-        - stats.alias_size_in_bytes
-    return int(max(getattr(stats, "peak_memory_in_bytes", 0) or 0, total))
+    from medseg_jax.train.memory import memory_stats
+
+    return memory_stats(compiled)["peak"]
 
 
 def plan_experiment(config: ml_collections.ConfigDict, plans: dict, num_cases: int, budget_gb: float | None = None,

@@ -1,7 +1,8 @@
 """The pure train and eval steps, jitted once over the device mesh.
 
 `train_step(state, batch, key) -> (state, metrics)`: `state` holds params, optimizer state and the step counter;
-`batch` is {"image": (N, X, Y, Z, C) float32, "label": (N, X, Y, Z) int32} sharded over the mesh's `data` axis; `key`
+`batch` is {"image": (N, X, Y, Z, C) float32, "label": (N, X, Y, Z) int32} split over the mesh (parallel/mesh.py:
+samples over `data`, a spatial axis over `space`, whose activations stay split through the network); `key`
 is the run's root key folded with the step, split per sample inside for augmentation. The state's buffers are donated.
 """
 
@@ -16,7 +17,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-from jax.sharding import Mesh
 
 from medseg_jax import losses
 from medseg_jax.errors import MedsegError
@@ -66,18 +66,31 @@ def make_optimizer(train_config: ml_collections.ConfigDict) -> optax.GradientTra
 
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation, sample_shape, key,
-                       mesh: Mesh) -> TrainState:
-    """Initialises params and optimizer state directly with their (replicated) shardings."""
+                       layout: mesh_lib.Layout) -> TrainState:
+    """Initialises params and optimizer state directly with their shardings (replicated, or split with
+    mesh.params="sharded")."""
 
     def init(key):
         params = model.init(key, jnp.zeros(sample_shape, jnp.float32))["params"]
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
-    return jax.jit(init, out_shardings=state_shardings(jax.eval_shape(init, key), mesh))(key)
+    return jax.jit(init, out_shardings=state_shardings(jax.eval_shape(init, key), layout))(key)
 
 
-def state_shardings(state_or_abstract, mesh: Mesh):
-    return jax.tree.map(lambda _: mesh_lib.replicated(mesh), state_or_abstract)
+def abstract_train_state(model: nn.Module, tx: optax.GradientTransformation, sample_shape, layout: mesh_lib.Layout):
+    """The train state's shapes, dtypes and shardings, without allocating it (for compiling ahead of time)."""
+
+    def init(key):
+        params = model.init(key, jnp.zeros(sample_shape, jnp.float32))["params"]
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+    abstract = jax.eval_shape(init, jax.random.key(0))
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
+                        state_shardings(abstract, layout))
+
+
+def state_shardings(state_or_abstract, layout: mesh_lib.Layout):
+    return layout.tree_shardings(state_or_abstract)
 
 
 def make_loss_fn(loss_config: ml_collections.ConfigDict) -> Callable:
@@ -87,37 +100,83 @@ def make_loss_fn(loss_config: ml_collections.ConfigDict) -> Callable:
     return functools.partial(losses.deep_supervision_loss, loss_fn=losses.build_loss(loss_config))
 
 
+def batch_shapes(batch_size: int, input_size, channels: int) -> dict[str, tuple[int, ...]]:
+    """Shapes of a train batch: the image and label patches the loader reads (the augmentation's input size)."""
+    return {"image": (batch_size, *input_size, channels), "label": (batch_size, *input_size)}
+
+
+def batch_shardings(layout: mesh_lib.Layout, shapes: dict) -> dict:
+    return {"image": layout.array_sharding(shapes["image"]),
+            "label": layout.array_sharding(shapes["label"], channels=False)}
+
+
+def _loss_and_grads(model: nn.Module, loss_fn: Callable, augment_fn: Callable | None, params, batch: dict, key):
+    """Augmentation (one key per sample), the forward pass and the loss's value and gradient; activations pinned to
+    the layout active while tracing."""
+    image, label = batch["image"], batch["label"]
+    if augment_fn is not None:
+        sample_keys = jax.random.split(key, image.shape[0])
+        image, label = jax.vmap(augment_fn)(sample_keys, image, label)
+    image = mesh_lib.constrain(image)
+    label = mesh_lib.constrain(label, channels=False)
+
+    def compute_loss(params):
+        params = mesh_lib.gather_params(params)  # split params (mesh.params="sharded") are used whole
+        return loss_fn(model.apply({"params": params}, image, train=True), label)
+
+    return jax.value_and_grad(compute_loss)(params)
+
+
+def make_grad_fn(model: nn.Module, loss_fn: Callable, augment_fn: Callable | None, layout: mesh_lib.Layout,
+                 params_template, shapes: dict):
+    """Jitted `grad_fn(params, batch, key) -> (loss, grads)`: what the train step computes before the optimizer, with
+    the same shardings (tests compare it across meshes)."""
+
+    def grad_fn(params, batch, key):
+        with mesh_lib.activation_layout(layout):
+            return _loss_and_grads(model, loss_fn, augment_fn, params, batch, key)
+
+    params_sharding = layout.tree_shardings(params_template)
+    return jax.jit(grad_fn, in_shardings=(params_sharding, batch_shardings(layout, shapes), layout.replicated()),
+                   out_shardings=(layout.replicated(), params_sharding))
+
+
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, loss_fn: Callable,
-                    augment_fn: Callable | None, schedule: optax.Schedule, mesh: Mesh, state_template):
-    """Returns the jitted `train_step(state, batch, key) -> (state, metrics)`."""
+                    augment_fn: Callable | None, schedule: optax.Schedule, layout: mesh_lib.Layout, state_template,
+                    shapes: dict):
+    """Returns the jitted `train_step(state, batch, key) -> (state, metrics)` for batches of `shapes`
+    (`batch_shapes(...)`). The batch arrives split over `data` (and the spatial mesh axes where they divide); after
+    augmentation the patch and every U-Net level's activations are pinned to the layout (`mesh_lib.constrain`)."""
 
     def train_step(state: TrainState, batch: dict, key: jax.Array):
-        image, label = batch["image"], batch["label"]
-        if augment_fn is not None:
-            sample_keys = jax.random.split(key, image.shape[0])
-            image, label = jax.vmap(augment_fn)(sample_keys, image, label)
+        with mesh_lib.activation_layout(layout):
+            loss, grads = _loss_and_grads(model, loss_fn, augment_fn, state.params, batch, key)
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+            metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "learning_rate": schedule(state.step)}
+            return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-        def compute_loss(params):
-            outputs = model.apply({"params": params}, image, train=True)
-            return loss_fn(outputs, label)
-
-        loss, grads = jax.value_and_grad(compute_loss)(state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "learning_rate": schedule(state.step)}
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
-
-    shardings = state_shardings(state_template, mesh)
-    batch = {"image": mesh_lib.batch_sharding(mesh), "label": mesh_lib.batch_sharding(mesh)}
-    return jax.jit(train_step, in_shardings=(shardings, batch, mesh_lib.replicated(mesh)),
-                   out_shardings=(shardings, mesh_lib.replicated(mesh)), donate_argnums=(0,))
+    shardings = state_shardings(state_template, layout)
+    return jax.jit(train_step, in_shardings=(shardings, batch_shardings(layout, shapes), layout.replicated()),
+                   out_shardings=(shardings, layout.replicated()), donate_argnums=(0,))
 
 
-def make_forward(model: nn.Module, mesh: Mesh) -> Callable:
-    """Jitted `forward(params, images) -> logits` (full resolution only), batch sharded over `data`."""
+def make_forward(model: nn.Module, layout: mesh_lib.Layout, window_shape, params_template=None) -> Callable:
+    """`forward(params, windows) -> logits` for host windows of `window_shape` (B, *patch, C), returning host
+    (numpy) logits of the full-resolution output. The jitted function inside splits the windows over `data` and the
+    spatial mesh axes, pins activations as in training and gathers the logits, so every process can call it with the
+    same windows (the validation pass of a multi-process run). `params` should carry `layout.tree_shardings`."""
 
     def forward(params, images):
-        return model.apply({"params": params}, images, train=False)
+        with mesh_lib.activation_layout(layout):
+            return model.apply({"params": mesh_lib.gather_params(params)}, mesh_lib.constrain(images), train=False)
 
-    return jax.jit(forward, in_shardings=(mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh)),
-                   out_shardings=mesh_lib.batch_sharding(mesh))
+    window_sharding = layout.array_sharding(window_shape)
+    params_sharding = layout.replicated() if params_template is None else layout.tree_shardings(params_template)
+    jitted = jax.jit(forward, in_shardings=(params_sharding, window_sharding), out_shardings=layout.replicated())
+
+    def run(params, windows):
+        return mesh_lib.to_host(jitted(params, mesh_lib.to_global(windows, window_sharding)))
+
+    run.jitted = jitted
+    return run
