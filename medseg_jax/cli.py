@@ -219,10 +219,6 @@ def cmd_memory(args, overrides) -> None:
     if len(devices) < needed:
         devices = jax.devices("cpu")  # this machine has fewer accelerators than the mesh: simulated CPU devices
     simulated = devices[0].platform == "cpu" and needed > 1
-    if simulated:
-        print(f"medseg memory: compiling for {needed} simulated CPU devices ({len(jax.devices())} "
-              f"{jax.default_backend()} device(s) here): the CPU program's memory; measure on the target accelerator "
-              "for exact figures", file=sys.stderr)
     num_classes, in_channels = args.classes, args.channels
     if (num_classes is None or in_channels is None) and config.data.get("store"):
         from medseg_jax.data.store import Store
@@ -233,6 +229,9 @@ def cmd_memory(args, overrides) -> None:
     layout = mesh_lib.make_layout(config.mesh, devices=devices[:needed], spatial_dims=len(config.train.patch_size))
     report = step_memory(config, num_classes or 2, in_channels or 1, layout, simulated=simulated)
     print(json.dumps(report, indent=2))
+    if simulated:
+        print(f"medseg memory: compiled for {needed} simulated CPU devices: the CPU program's memory; measure on "
+              "the target accelerators for exact figures", file=sys.stderr)
 
 
 def cmd_import(args, overrides) -> None:

@@ -74,26 +74,23 @@ def measure(patch: int, space: int, params: str = "replicated", space2: int = 1)
 
 def largest_patch(space: int, budget: float, step: int = 32, low: int = 64, high: int = 1024,
                   cache: dict | None = None, space2: int = 1) -> dict:
-    """The largest cubic patch (a multiple of `step`) whose step fits `budget` bytes per device (binary search)."""
+    """The largest cubic patch (a multiple of `step`) whose step fits `budget` bytes per device. Memory is not
+    monotone in the patch (a size whose coarse levels cannot split keeps them whole), so sizes are scanned upwards
+    until one needs more than 1.5x the budget."""
     cache = {} if cache is None else cache
-
-    def fits(patch):
+    label = f"space={space}" + (f" x space2={space2}" if space2 > 1 else "")
+    best, scanned = None, []
+    for patch in range(low, high + 1, step):
         if (patch, space, space2) not in cache:
             cache[(patch, space, space2)] = measure(patch, space, space2=space2)
-        return cache[(patch, space, space2)]["bytes"] <= budget
-
-    lo, hi = low // step, high // step
-    label = f"space={space}" + (f" x space2={space2}" if space2 > 1 else "")
-    if not fits(lo * step):
-        return {"mesh": label, "space": space * space2, "patch": None}
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if fits(mid * step):
-            lo = mid
-        else:
-            hi = mid - 1
-    return {"mesh": label, "space": space * space2, "patch": lo * step,
-            "gib": cache[(lo * step, space, space2)]["gib"]}
+        row = cache[(patch, space, space2)]
+        scanned.append({"patch": patch, "gib": row["gib"], "space_levels": row["space_levels"]})
+        if row["bytes"] <= budget:
+            best = row
+        elif row["bytes"] > 1.5 * budget:
+            break
+    return {"mesh": label, "space": space * space2, "patch": best and best["patch"], "gib": best and best["gib"],
+            "space_levels": best and best["space_levels"], "scanned": scanned}
 
 
 def main(argv=None) -> None:
@@ -135,7 +132,8 @@ def main(argv=None) -> None:
     if searches:
         print(f"\nlargest cubic patch (multiple of 32) within {args.budget_gb:g} GiB per device:")
         for s in searches:
-            print(f"  {s['mesh']}: {s['patch']}^3 ({s.get('gib', float('nan')):.2f} GiB)")
+            levels = "all levels split" if s["space_levels"] == -1 else f"levels 0-{s['space_levels'] - 1} split"
+            print(f"  {s['mesh']}: {s['patch']}^3 ({s['gib']:.2f} GiB, {levels})")
     print(f"\nwrote {args.out}", file=sys.stderr)
 
 

@@ -75,13 +75,22 @@ def test_stream_is_a_pure_function_of_seed_and_step(store):
 
 def test_each_process_reads_only_its_share_of_the_global_batch(store):
     whole = loader.PatchSampler(store, store.case_ids, PATCH, 4, 0.33, 0)
-    parts = [loader.PatchSampler(store, store.case_ids, PATCH, 4, 0.33, 0, loader.local_indices(4, p, 2))
+    parts = [loader.PatchSampler(store, store.case_ids, PATCH, 4, 0.33, 0, range(2 * p, 2 * p + 2))
              for p in range(2)]
     full = batches(iter(loader.make_dataset(whole, 3, threads=0)), 3)
     shards = [batches(iter(loader.make_dataset(part, 3, threads=0)), 3) for part in parts]
     for step in range(3):
         joined = np.concatenate([shards[0][step]["image"], shards[1][step]["image"]])
         assert np.array_equal(joined, full[step]["image"])
+
+
+def test_stream_started_at_a_step_equals_the_rest_of_the_whole_stream(store):
+    """How a run resumed on another process count continues: no loader state, the stream starts at the step."""
+    sampler = loader.PatchSampler(store, store.case_ids, PATCH, 2, 0.33, 0)
+    full = batches(iter(loader.make_dataset(sampler, 5, threads=0)), 5)
+    tail = batches(iter(loader.make_dataset(sampler, 5, threads=0, start_step=3)), 2)
+    for a, b in zip(full[3:], tail):
+        assert np.array_equal(a["image"], b["image"]) and np.array_equal(a["label"], b["label"])
 
 
 @pytest.mark.parametrize("workers", [0, 1])

@@ -37,6 +37,7 @@ def train_losses(workdir) -> list[float]:
 
 
 def test_two_processes_train_like_one_process_and_the_checkpoint_restores_on_1_and_8_devices(tiny_dataset, tmp_path):
+    """The issue's multi-host test, and resuming a 2-process run in one process."""
     multi, single = tmp_path / "two_processes", tmp_path / "one_process"
     port = free_port()
     procs = [subprocess.Popen(train_command(tiny_dataset, multi, "--coordinator", f"localhost:{port}",
@@ -69,3 +70,16 @@ def test_two_processes_train_like_one_process_and_the_checkpoint_restores_on_1_a
     for result in (one, eight):
         assert result["step"] == STEPS and result["equal_to_saved"] and result["shardings_match_template"], result
     assert one["split_arrays"] == 0 and eight["split_arrays"] > 0
+
+    # both runs continue for two more steps in one process: the 2-process run's loader state cannot be restored there,
+    # so its stream restarts at step 20, and gives the batches the 1-process run's restored loader state gives
+    more = ["--resume", f"--config.train.steps={STEPS + 2}", f"--config.train.val_every={STEPS + 2}"]
+    for workdir in (multi, single):
+        proc = subprocess.run([sys.executable, "-m", "medseg_jax.cli", "train", "--workdir", str(workdir), *more],
+                              env=env_with(4), capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+        assert f"resumed from step {STEPS} on mesh data=2 x space=2" in proc.stdout
+    resumed_multi, resumed_single = train_losses(multi), train_losses(single)
+    assert len(resumed_multi) == STEPS + 2 and resumed_multi[:STEPS] == losses_multi
+    for a, b in zip(resumed_multi[STEPS:], resumed_single[STEPS:]):
+        assert abs(a - b) <= 1e-5 * abs(b), (resumed_multi, resumed_single)

@@ -47,7 +47,7 @@ class SampleSpec:
 
 class PatchSampler:
     """`sampler(element)` -> {"image": (*patch, C) float32, "label": (*patch) int32} for element = step * L + j, where
-    j indexes this process's `local_indices` (its slice of the global batch)."""
+    j indexes this process's `local_indices` (the rows of the global batch its devices hold)."""
 
     def __init__(self, store: Store, case_ids: Sequence[str], patch_size: Sequence[int], batch_size: int,
                  oversample: float, seed: int, local_indices: Sequence[int] | None = None):
@@ -91,14 +91,6 @@ class PatchSampler:
 
 def _stack(samples: Sequence[dict]) -> dict:
     return {key: np.stack([s[key] for s in samples]) for key in samples[0]}
-
-
-def local_indices(batch_size: int, process_index: int, process_count: int) -> range:
-    if batch_size % process_count:
-        raise MedsegError(f"config key 'train.batch_size': {batch_size} does not divide over {process_count} "
-                          "processes")
-    per = batch_size // process_count
-    return range(process_index * per, (process_index + 1) * per)
 
 
 def _parse_absl_flags() -> None:
