@@ -27,11 +27,14 @@ install-test: $(VENV)/.installed-test
 demo: install
 	$(VENV)/bin/medseg demo --out runs/demo
 
+# Tests run in TEST_WORKERS processes (pytest-xdist; work stealing keeps both cores busy to the end).
+TEST_WORKERS ?= 2
+
 test: install-test
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal -m "not slow" tests
 
 test-all: install-test
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal tests
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

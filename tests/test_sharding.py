@@ -48,6 +48,7 @@ def test_sharded_sliding_window_equals_unsharded():
         assert result["shape"] == [45, 30, 21, 3]
         assert result["rel"] <= TOLERANCE, result
         assert result["labels_equal"], result
+        assert result["halo_exchanges"] > 0, result
 
 
 def test_patch_that_does_not_divide_at_a_level_is_refused_naming_it():
