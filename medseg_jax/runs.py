@@ -117,8 +117,10 @@ def restore_into(manager: ocp.CheckpointManager, step: int, template, data_itera
 def restore_raw(manager: ocp.CheckpointManager, step: int) -> dict:
     """The saved "state" item as written (nested dicts of arrays) on this process's first device, whatever mesh or
     process count wrote it (prediction and fine-tuning read any run this way)."""
-    metadata = ocp.StandardCheckpointer().metadata(Path(manager.directory) / str(step) / "state")
-    tree = getattr(metadata, "item_metadata", metadata)
+    # The item's own handler reads its tree metadata (StandardCheckpointer().metadata expects a step directory and
+    # logs a warning for the item directory it is given here).
+    metadata = ocp.StandardCheckpointHandler().metadata(Path(manager.directory) / str(step) / "state")
+    tree = getattr(metadata, "tree", metadata)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device), tree)
     return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
