@@ -6,8 +6,9 @@ compiled step (nothing is run, so sizes far beyond this machine's memory can be 
 Network: nnU-Net's default 3D full-resolution PlainConvUNet (6 stages, features 32..320, 3x3x3 kernels, deep
 supervision, 3 classes, 1 channel), batch 1, SGD (nnU-Net), Dice + CE, float32, no augmentation inside the step. The
 patch is split along its first axis over `space` devices; U-Net levels whose slabs would be thinner than the next
-stride stay whole (`mesh.space_levels`, chosen automatically here). On a machine without that many accelerators the
-devices are simulated CPU devices (XLA_FLAGS is set before JAX starts), so the figures are the CPU program's.
+stride stay whole (`mesh.space_levels`, chosen automatically here). A mesh gets the machine's accelerators where there
+are enough of them, else simulated CPU devices (XLA_FLAGS is set before JAX starts; as `medseg memory` does): each
+row records its platform, and CPU rows are the CPU program's figures. On one GPU, run `--spaces 1` for its own row.
 """
 
 from __future__ import annotations
@@ -39,6 +40,12 @@ GIB = 1024 ** 3
 STAGES = 6
 
 
+def devices_for(count: int) -> list:
+    """The accelerators when the machine has `count` of them, else `count` simulated CPU devices."""
+    devices = jax.devices()
+    return devices[:count] if len(devices) >= count else jax.devices("cpu")[:count]
+
+
 def config_for(patch: int, space: int, params: str = "replicated", space2: int = 1):
     config = base_config("plain_unet")
     config.model = model_config("plain_unet", features=tuple(min(32 * 2 ** i, 320) for i in range(STAGES)),
@@ -51,7 +58,7 @@ def config_for(patch: int, space: int, params: str = "replicated", space2: int =
     # the most levels that split evenly (every level when they all do)
     for levels in [-1] + list(range(STAGES - 1, 0, -1)):
         config.mesh.space_levels = levels
-        layout = mesh_lib.make_layout(config.mesh, devices=jax.devices()[:space * space2])
+        layout = mesh_lib.make_layout(config.mesh, devices=devices_for(space * space2))
         try:
             mesh_lib.check_patch(layout, config.train.patch_size, model)
             return config, layout
@@ -63,9 +70,10 @@ def config_for(patch: int, space: int, params: str = "replicated", space2: int =
 def measure(patch: int, space: int, params: str = "replicated", space2: int = 1) -> dict:
     config, layout = config_for(patch, space, params, space2)
     started = time.time()
-    report = step_memory(config, 3, 1, layout, simulated=jax.default_backend() == "cpu")
-    return {"patch": patch, "space": space * space2, "mesh": f"space={space}" + (f" x space2={space2}" if space2 > 1
-                                                                                 else ""),
+    platform = layout.mesh.devices.flat[0].platform
+    report = step_memory(config, 3, 1, layout, simulated=platform == "cpu" and space * space2 > 1)
+    mesh = f"space={space}" + (f" x space2={space2}" if space2 > 1 else "")
+    return {"patch": patch, "space": space * space2, "platform": platform, "mesh": mesh,
             "params": params, "space_levels": layout.space_levels,
             "bytes": report["per_device_peak_bytes"], "gib": report["per_device_peak_bytes"] / GIB,
             "breakdown": report["breakdown_bytes"], "parameters": report["parameters"],
@@ -99,7 +107,7 @@ def main(argv=None) -> None:
     parser.add_argument("--spaces", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--budget-gb", type=float, default=16.0)
     parser.add_argument("--no-search", action="store_true", help="skip the largest-patch search")
-    parser.add_argument("--out", default="docs/bench_memory_cpu.json")
+    parser.add_argument("--out", help="raw figures (default: docs/bench_memory_<backend>.json)")
     args = parser.parse_args(argv)
 
     cache: dict = {}
@@ -115,20 +123,22 @@ def main(argv=None) -> None:
                                           for s, t in tqdm(meshes, desc="largest patch", unit="mesh")]
     device = jax.devices()[0]
     result = {"date": date.today().isoformat(), "backend": jax.default_backend(),
-              "device": getattr(device, "device_kind", device.platform), "simulated_devices": len(jax.devices()),
+              "device": getattr(device, "device_kind", device.platform), "simulated_devices": len(jax.devices("cpu")),
               "rows": rows, "params_sharded": fsdp, "largest_patch": searches, "budget_gb": args.budget_gb}
+    args.out = args.out or f"docs/bench_memory_{jax.default_backend()}.json"
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
 
-    print(f"\n{result['date']}, {result['backend']} ({result['device']}), {DEVICES} simulated devices\n")
-    print("| patch | S | mesh | levels split | params | per-device peak GiB | / (unsharded / S) | <= 1.25 |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"\n{result['date']}, {result['backend']} ({result['device']}), {DEVICES} simulated CPU devices\n")
+    print("| patch | S | mesh | platform | levels split | params | per-device peak GiB | / (unsharded / S) | <= 1.25 |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for row in rows + fsdp:
         base = cache.get((row["patch"], 1, 1))
+        base = base if base and base["platform"] == row["platform"] else None  # ratios within one platform only
         ratio = row["bytes"] / (base["bytes"] / row["space"]) if base else float("nan")
         levels = "all" if row["space_levels"] < 0 else f"0-{row['space_levels'] - 1}"
-        print(f"| {row['patch']}^3 | {row['space']} | {row['mesh']} | {levels} | {row['params']} | {row['gib']:.2f} | "
-              f"{ratio:.2f} | {'yes' if ratio <= 1.25 else 'no'} |")
+        print(f"| {row['patch']}^3 | {row['space']} | {row['mesh']} | {row['platform']} | {levels} | {row['params']} | "
+              f"{row['gib']:.2f} | {ratio:.2f} | {'yes' if ratio <= 1.25 else 'no'} |")
     if searches:
         print(f"\nlargest cubic patch (multiple of 32) within {args.budget_gb:g} GiB per device:")
         for s in searches:
