@@ -215,10 +215,7 @@ def cmd_memory(args, overrides) -> None:
     from medseg_jax.train.memory import step_memory
 
     config = config_lib.load_config(args.config, overrides + _mesh_overrides(args.mesh))
-    devices = jax.devices()
-    if len(devices) < needed:
-        devices = jax.devices("cpu")  # this machine has fewer accelerators than the mesh: simulated CPU devices
-    simulated = devices[0].platform == "cpu" and needed > 1
+    devices, simulated = mesh_lib.devices_for_compile(needed)
     num_classes, in_channels = args.classes, args.channels
     if (num_classes is None or in_channels is None) and config.data.get("store"):
         from medseg_jax.data.store import Store
@@ -226,7 +223,7 @@ def cmd_memory(args, overrides) -> None:
         plan = Store(config.data.store).plan
         num_classes = num_classes or len(plan["labels"])
         in_channels = in_channels or len(plan["normalization"])
-    layout = mesh_lib.make_layout(config.mesh, devices=devices[:needed], spatial_dims=len(config.train.patch_size))
+    layout = mesh_lib.make_layout(config.mesh, devices=devices, spatial_dims=len(config.train.patch_size))
     report = step_memory(config, num_classes or 2, in_channels or 1, layout, simulated=simulated)
     print(json.dumps(report, indent=2))
     if simulated:

@@ -40,13 +40,12 @@ GIB = 1024 ** 3
 STAGES = 6
 
 
-def devices_for(count: int) -> list:
-    """The accelerators when the machine has `count` of them, else `count` simulated CPU devices."""
-    devices = jax.devices()
-    return devices[:count] if len(devices) >= count else jax.devices("cpu")[:count]
+def mesh_label(space: int, space2: int) -> str:
+    return f"space={space}" + (f" x space2={space2}" if space2 > 1 else "")
 
 
 def config_for(patch: int, space: int, params: str = "replicated", space2: int = 1):
+    """(config, layout, simulated) for the patch split over space x space2 devices."""
     config = base_config("plain_unet")
     config.model = model_config("plain_unet", features=tuple(min(32 * 2 ** i, 320) for i in range(STAGES)),
                                 strides=((1, 1, 1),) + ((2, 2, 2),) * (STAGES - 1),
@@ -55,25 +54,24 @@ def config_for(patch: int, space: int, params: str = "replicated", space2: int =
     config.train.batch_size, config.train.patch_size = 1, (patch,) * 3
     config.mesh = mesh_lib.mesh_config(data=1, space=space, space2=space2, space2_axis=1, params=params)
     model = build_model(config.model, num_classes=3, in_channels=1, patch_size=config.train.patch_size)
+    devices, simulated = mesh_lib.devices_for_compile(space * space2)
     # the most levels that split evenly (every level when they all do)
     for levels in [-1] + list(range(STAGES - 1, 0, -1)):
         config.mesh.space_levels = levels
-        layout = mesh_lib.make_layout(config.mesh, devices=devices_for(space * space2))
+        layout = mesh_lib.make_layout(config.mesh, devices=devices)
         try:
             mesh_lib.check_patch(layout, config.train.patch_size, model)
-            return config, layout
+            return config, layout, simulated
         except MedsegError:
             continue
     raise MedsegError(f"patch {patch} cannot be split over {space} devices")
 
 
 def measure(patch: int, space: int, params: str = "replicated", space2: int = 1) -> dict:
-    config, layout = config_for(patch, space, params, space2)
+    config, layout, simulated = config_for(patch, space, params, space2)
     started = time.time()
-    platform = layout.mesh.devices.flat[0].platform
-    report = step_memory(config, 3, 1, layout, simulated=platform == "cpu" and space * space2 > 1)
-    mesh = f"space={space}" + (f" x space2={space2}" if space2 > 1 else "")
-    return {"patch": patch, "space": space * space2, "platform": platform, "mesh": mesh,
+    report = step_memory(config, 3, 1, layout, simulated=simulated)
+    return {"patch": patch, "space": space * space2, "platform": report["platform"], "mesh": mesh_label(space, space2),
             "params": params, "space_levels": layout.space_levels,
             "bytes": report["per_device_peak_bytes"], "gib": report["per_device_peak_bytes"] / GIB,
             "breakdown": report["breakdown_bytes"], "parameters": report["parameters"],
@@ -86,7 +84,6 @@ def largest_patch(space: int, budget: float, step: int = 32, low: int = 64, high
     monotone in the patch (a size whose coarse levels cannot split keeps them whole), so sizes are scanned upwards
     until one needs more than 1.5x the budget."""
     cache = {} if cache is None else cache
-    label = f"space={space}" + (f" x space2={space2}" if space2 > 1 else "")
     best, scanned = None, []
     for patch in range(low, high + 1, step):
         if (patch, space, space2) not in cache:
@@ -97,8 +94,8 @@ def largest_patch(space: int, budget: float, step: int = 32, low: int = 64, high
             best = row
         elif row["bytes"] > 1.5 * budget:
             break
-    return {"mesh": label, "space": space * space2, "patch": best and best["patch"], "gib": best and best["gib"],
-            "space_levels": best and best["space_levels"], "scanned": scanned}
+    return {"mesh": mesh_label(space, space2), "space": space * space2, "patch": best and best["patch"],
+            "gib": best and best["gib"], "space_levels": best and best["space_levels"], "scanned": scanned}
 
 
 def main(argv=None) -> None:

@@ -150,6 +150,17 @@ def make_layout(section: ml_collections.ConfigDict | dict | None = None, devices
     return Layout(mesh, tuple(axes), int(values["space_levels"]), str(values["params"]))
 
 
+def devices_for_compile(count: int) -> tuple[list, bool]:
+    """`count` devices to compile a mesh for, and whether they are simulated: the accelerators where the machine has
+    that many, else CPU devices (which `--xla_force_host_platform_device_count` must have provided before JAX
+    started), whose compiled program is the CPU's."""
+    devices = jax.devices()
+    if len(devices) < count:
+        devices = jax.devices("cpu")
+    devices = devices[:count]
+    return devices, devices[0].platform == "cpu" and count > 1
+
+
 def check_batch_divisible(batch_size: int, layout: Layout, key: str = "train.batch_size") -> None:
     if batch_size % layout.data_size:
         raise MedsegError(f"config key '{key}': {batch_size} does not divide over {layout.data_size} devices on the "

@@ -43,6 +43,12 @@ def leaf_relative(a, b, floor: float = 1e-3) -> float:
     return max(relative(x, y) for x, y in pairs if np.linalg.norm(y) >= floor * biggest)
 
 
+def count_collectives(compiled, names=("all-reduce", "all-gather", "collective-permute", "reduce-scatter")) -> dict:
+    """How often each collective appears in a compiled program (sync and async forms)."""
+    hlo = compiled.as_text()
+    return {name: hlo.count(name + "(") + hlo.count(name + "-start(") for name in names}
+
+
 def config_for(name: str, preset: str):
     config = base_config(name)
     overrides = {"plain_unet": dict(features=(4, 8, 16), deep_supervision=True),
@@ -88,11 +94,9 @@ def compare_step(name: str, preset: str, mesh: dict, full_step: bool = False) ->
         grad_fn = step_lib.make_grad_fn(model, loss_fn, augment_fn, layout, state.params, shapes)
         compiled = grad_fn.lower(state.params, batch, key).compile()
         loss, grads = compiled(state.params, batch, key)
-        hlo = compiled.as_text()
         result = dict(loss=float(loss), grads=jax.tree.map(np.asarray, grads),
                       split_params=sum(not leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(state.params)),
-                      collectives={c: hlo.count(c + "(") + hlo.count(c + "-start(")
-                                   for c in ("all-reduce", "all-gather", "collective-permute", "reduce-scatter")})
+                      collectives=count_collectives(compiled))
         if full_step:
             step = step_lib.make_train_step(model, tx, loss_fn, augment_fn, schedule, layout, state, shapes)
             new_state, metrics = step(state, batch, key)
@@ -128,8 +132,8 @@ def compare_sliding_window(mesh: dict) -> dict:
                                                    overlap=0.5, batch_size=4)
         if label_ == "sharded":  # the windows really were split: halo exchanges in the compiled forward pass
             windows = jax.ShapeDtypeStruct((4, *PATCH, 1), jnp.float32, sharding=layout.array_sharding((4, *PATCH, 1)))
-            hlo = forward.jitted.lower(params, windows).compile().as_text()
-            halo_exchanges = hlo.count("collective-permute(") + hlo.count("collective-permute-start(")
+            compiled = forward.jitted.lower(params, windows).compile()
+            halo_exchanges = count_collectives(compiled, ("collective-permute",))["collective-permute"]
     return {"mesh": mesh, "shape": list(outputs["single"].shape), "halo_exchanges": halo_exchanges,
             "max_abs": float(np.abs(outputs["single"] - outputs["sharded"]).max()),
             "rel": relative(outputs["sharded"], outputs["single"]),
