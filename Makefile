@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 
-.PHONY: demo test test-all install install-test clean
+.PHONY: demo test test-all check install install-test clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,10 +30,15 @@ demo: install
 # Tests run in TEST_WORKERS processes (pytest-xdist; work stealing keeps both cores busy to the end).
 TEST_WORKERS ?= 2
 
-test: install-test
+# The house first (CONTRIBUTING.md): lint, and imports that point down (import-linter's layers contract).
+check: install-test
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports --no-logo --no-cache
+
+test: check
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal -m "not slow" tests
 
-test-all: install-test
+test-all: check
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal tests
 
 clean:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
@@ -27,7 +28,7 @@ def _mesh_overrides(text: str | None) -> list[str]:
     """--mesh data=D,space=S -> --config.mesh.data=D --config.mesh.space=S."""
     if not text:
         return []
-    from medseg_jax.parallel.spec import parse_mesh_arg
+    from medseg_jax.parallel.mesh_flag import parse_mesh_arg
 
     return [f"--config.mesh.{name}={value}" for name, value in parse_mesh_arg(text).items()]
 
@@ -55,7 +56,7 @@ def cmd_train(args, overrides) -> None:
         config = config_lib.apply_overrides(config, overrides)
     else:
         if not args.config:
-            raise MedsegError("--config is required (an experiment file such as experiments/demo.py), unless "
+            raise MedsegError("--config is required (an experiment file such as experiments/demo_ct.py), unless "
                               "--workdir was planned with `medseg plan` or --init-from names a run to fine-tune")
         config = config_lib.load_config(args.config, overrides)
     if args.init_from:
@@ -118,9 +119,8 @@ def cmd_prepare(args, overrides) -> None:
 
 
 def cmd_predict(args) -> None:
+    from medseg_jax.parallel.mesh_flag import parse_mesh_arg
     from medseg_jax.predict import predict
-
-    from medseg_jax.parallel.spec import parse_mesh_arg
 
     result = predict(args.run, args.input, args.output, overwrite=args.overwrite, skip_bad=args.skip_bad,
                      checkpoint=args.checkpoint, mesh=parse_mesh_arg(args.mesh) if args.mesh else None)
@@ -134,24 +134,15 @@ def cmd_evaluate(args) -> None:
 
     summary = evaluate(args.pred, args.ref, args.out, dataset_json=args.dataset_json, overwrite=args.overwrite,
                        tolerance_mm=args.tolerance, surface=args.surface, workers=args.workers)
-    print(format_summary(summary))
+    from medseg_jax.metrics.report import dice_table
+
+    print(dice_table(summary))
     for comparison in summary["comparisons"]:
         if comparison["metric"] == "dice" and comparison["p_value"] is not None:
             print(f"{comparison['a']} vs {comparison['b']}, {comparison['name']} Dice: median difference "
                   f"{comparison['median_difference']:+.4f}, Wilcoxon p = {comparison['p_value']:.3g} "
                   f"(n = {comparison['n']})")
     print(f"reports in {args.out}")
-
-
-def format_summary(summary: dict) -> str:
-    width = max([len(n) for n in summary["per_class"]] + [12])
-    lines = [f"{'class':<{width}}  mean Dice", "-" * (width + 11)]
-    for name, value in summary["per_class"].items():
-        lines.append(f"{name:<{width}}  {'n/a' if value is None else f'{value:.4f}'}")
-    lines.append("-" * (width + 11))
-    mean = summary["mean_dice"]
-    lines.append(f"{'foreground':<{width}}  {'n/a' if mean is None else f'{mean:.4f}'}  ({summary['num_cases']} cases)")
-    return "\n".join(lines)
 
 
 def cmd_demo(args, overrides) -> None:
@@ -164,8 +155,8 @@ def cmd_demo(args, overrides) -> None:
 def cmd_plan(args, overrides) -> None:
     from medseg_jax import config as config_lib
     from medseg_jax import fileio, runs
+    from medseg_jax.data.training_store import open_training_store
     from medseg_jax.errors import MedsegError
-    from medseg_jax.train.loop import open_training_store
     from medseg_jax.train.planner import format_report, plan_experiment
 
     run = runs.RunDir(args.workdir)
@@ -173,7 +164,7 @@ def cmd_plan(args, overrides) -> None:
         raise MedsegError(f"{run.config_path}: already exists; plan into a new run directory (nothing was "
                           "overwritten)")
     config = config_lib.load_config(args.config, overrides)
-    store = open_training_store(config, run.path)
+    store = open_training_store(config.data, run.path)
     planned, report = plan_experiment(config, store.plan, num_cases=len(store.case_ids), budget_gb=args.budget_gb,
                                       progress=print)
     run.path.mkdir(parents=True, exist_ok=True)
@@ -201,14 +192,13 @@ def cmd_memory(args, overrides) -> None:
     import math
 
     from medseg_jax.errors import MedsegError
-    from medseg_jax.parallel.spec import parse_mesh_arg
+    from medseg_jax.parallel.mesh_flag import parse_mesh_arg
 
     shape = parse_mesh_arg(args.mesh)
     if shape.get("data", 1) < 1:
         raise MedsegError(f"--mesh {args.mesh}: give the data axis as a number of devices (>= 1)")
     needed = math.prod(shape.values())
     simulate_devices(needed)  # CPU devices stand in when this machine has fewer accelerators than the mesh
-    import jax
 
     from medseg_jax import config as config_lib
     from medseg_jax.parallel import mesh as mesh_lib
@@ -223,7 +213,7 @@ def cmd_memory(args, overrides) -> None:
         plan = Store(config.data.store).plan
         num_classes = num_classes or len(plan["labels"])
         in_channels = in_channels or len(plan["normalization"])
-    layout = mesh_lib.make_layout(config.mesh, devices=devices, spatial_dims=len(config.train.patch_size))
+    layout = mesh_lib.make_mesh_layout(config.mesh, devices=devices, spatial_dims=len(config.train.patch_size))
     report = step_memory(config, num_classes or 2, in_channels or 1, layout, simulated=simulated)
     print(json.dumps(report, indent=2))
     if simulated:
@@ -245,7 +235,7 @@ def cmd_import(args, overrides) -> None:
               f"`medseg predict --run {summary['run']} --input ... --output ...`")
         return
     from medseg_jax import config as config_lib
-    from medseg_jax.defaults import base_config
+    from medseg_jax.experiments.base import get_config as base_config
 
     if args.config:
         config = config_lib.load_config(args.config, overrides)
@@ -362,8 +352,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def show_library_messages() -> None:
+    """The library reports progress through `logging` (loggers under "medseg_jax"); the command line shows them on
+    stdout as plain lines, and leaves other libraries' loggers alone. Called by every `main()`, so the lines go to
+    the stdout of the moment (tests swap it)."""
+    logger = logging.getLogger("medseg_jax")
+    handlers = [h for h in logger.handlers if getattr(h, "medseg_cli", False)]
+    if handlers:
+        handlers[0].stream = sys.stdout  # not setStream: it flushes the old stream, which may be closed by now
+        return
+    handler = logging.StreamHandler(sys.stdout)
+    handler.medseg_cli = True
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    show_library_messages()
     from medseg_jax.errors import MedsegError
 
     parser = build_parser()

@@ -11,8 +11,9 @@ from __future__ import annotations
 import ast
 import importlib.util
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import ml_collections
 
@@ -108,7 +109,8 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str])
                 node = node[part]
         current = node[parts[-1]]
         if isinstance(current, ml_collections.ConfigDict):
-            raise MedsegError(f"config key '{key}' is a group; override one of its fields ({', '.join(current.keys())})")
+            raise MedsegError(f"config key '{key}' is a group; override one of its fields "
+                              f"({', '.join(current.keys())})")
         with node.ignore_type():
             node[parts[-1]] = _parse_value(value_text, current, key)
     return config

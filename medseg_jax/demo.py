@@ -7,20 +7,26 @@ An existing OUT is moved aside to OUT.previous-<time>, never overwritten.
 
 from __future__ import annotations
 
+import importlib.resources
+import logging
 import time
 from pathlib import Path
 
 from medseg_jax import config as config_lib
-from medseg_jax import fileio, viz
+from medseg_jax import experiments, fileio, viz
 from medseg_jax.errors import MedsegError
+from medseg_jax.metrics.report import dice_table
+
+log = logging.getLogger(__name__)
 
 
-def default_demo_config() -> Path:
-    for candidate in (Path.cwd() / "experiments" / "demo.py",
-                      Path(__file__).resolve().parents[1] / "experiments" / "demo.py"):
-        if candidate.is_file():
-            return candidate
-    raise MedsegError("experiments/demo.py not found; pass --config with an experiment file")
+def demo_config_path(modality: str) -> Path:
+    """The packaged experiment of the demo for `modality` (experiments/demo_<modality>.py, installed as
+    medseg_jax.experiments, so it is found from any working directory and from a non-editable install)."""
+    path = Path(importlib.resources.files(experiments).joinpath(f"demo_{modality}.py"))
+    if not path.is_file():
+        raise MedsegError(f"--modality {modality}: no packaged experiment demo_{modality}.py; pass --config")
+    return path
 
 
 def move_aside(path: Path) -> Path | None:
@@ -33,7 +39,6 @@ def move_aside(path: Path) -> Path | None:
 
 def run_demo(out="runs/demo", modality: str = "ct", num_train: int = 20, num_test: int = 5, seed: int = 0,
              config_path=None, overrides=()) -> dict:
-    from medseg_jax.cli import format_summary
     from medseg_jax.data.phantoms import write_demo_dataset
     from medseg_jax.evaluate import evaluate
     from medseg_jax.io import nifti
@@ -41,25 +46,25 @@ def run_demo(out="runs/demo", modality: str = "ct", num_train: int = 20, num_tes
     from medseg_jax.train.loop import train
 
     out = Path(out)
-    config = config_lib.load_config(config_path or default_demo_config(), overrides)
+    config = config_lib.load_config(config_path or demo_config_path(modality), overrides)
     moved = move_aside(out)
     if moved:
-        print(f"moved the previous {out} to {moved}")
+        log.info("moved the previous %s to %s", out, moved)
     started = time.time()
 
     data_dir = write_demo_dataset(out / "data", modality=modality, num_train=num_train, num_test=num_test,
                                   seed=seed)
-    print(f"[1/4] wrote {num_train} training and {num_test} test {modality.upper()} phantoms to {data_dir}")
+    log.info("[1/4] wrote %d training and %d test %s phantoms to %s", num_train, num_test, modality.upper(), data_dir)
     config.data.dataset = str(data_dir)
 
     run_dir = out / "run"
-    print(f"[2/4] training ({config.train.steps} steps) in {run_dir}")
+    log.info("[2/4] training (%d steps) in %s", config.train.steps, run_dir)
     train_summary = train(config, run_dir)
 
-    print(f"[3/4] predicting {data_dir / 'imagesTs'} -> {out / 'predictions'}")
+    log.info("[3/4] predicting %s -> %s", data_dir / "imagesTs", out / "predictions")
     predict(run_dir, data_dir / "imagesTs", out / "predictions")
 
-    print(f"[4/4] evaluating against {data_dir / 'labelsTs'}")
+    log.info("[4/4] evaluating against %s", data_dir / "labelsTs")
     evaluation = evaluate(out / "predictions", data_dir / "labelsTs", out / "evaluation")
 
     first = sorted((data_dir / "imagesTs").glob("*.nii.gz"))[0]
@@ -79,8 +84,9 @@ def run_demo(out="runs/demo", modality: str = "ct", num_train: int = 20, num_tes
                            "evaluation": str(out / "evaluation"), "overlay": str(out / "overlay.png"),
                            "training_curve": str(run_dir / "training_curve.png")}}
     fileio.write_json(out / "summary.json", summary)
-    print()
-    print(format_summary(evaluation))
-    print(f"\ntrain {summary['train_seconds']:.0f} s on {summary['device']}; total {summary['total_seconds']:.0f} s")
-    print(f"summary: {out / 'summary.json'}   overlay: {out / 'overlay.png'}   curve: {run_dir / 'training_curve.png'}")
+    log.info("\n%s", dice_table(evaluation))
+    log.info("\ntrain %.0f s on %s; total %.0f s", summary["train_seconds"], summary["device"],
+             summary["total_seconds"])
+    log.info("summary: %s   overlay: %s   curve: %s", out / "summary.json", out / "overlay.png",
+             run_dir / "training_curve.png")
     return summary

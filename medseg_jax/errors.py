@@ -10,3 +10,15 @@ class MedsegError(Exception):
 
     def __init__(self, message: str):
         super().__init__(" ".join(str(message).split()))
+
+
+_MAX_ERROR_DETAIL = 200
+
+
+def short_error(error: BaseException) -> str:
+    """An exception as one short line (its type and message, whitespace folded, cut at 200 characters), to end a
+    MedsegError about a file that a library could not read."""
+    text = " ".join(str(error).split()) or "no details"
+    if len(text) > _MAX_ERROR_DETAIL:
+        text = text[:_MAX_ERROR_DETAIL] + "..."
+    return f"{type(error).__name__}: {text}"

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from medseg_jax import fileio
 from medseg_jax.errors import MedsegError
-from medseg_jax.io import layout, nifti
+from medseg_jax.io import datasets, nifti
 from medseg_jax.metrics import report
 
 
@@ -36,7 +36,7 @@ def _find_label_names(ref_dir: Path, dataset_json: str | Path | None) -> dict[in
                 labels = json.loads(path.read_text()).get("labels")
             except json.JSONDecodeError as exc:
                 raise MedsegError(f"{path}: not valid JSON ({exc})") from None
-            return layout.parse_labels(path, labels)
+            return datasets.parse_labels(path, labels)
         if dataset_json:
             raise MedsegError(f"{path}: dataset.json not found")
     return None
@@ -70,8 +70,8 @@ def _evaluate_one(task) -> tuple[list[dict], str | None]:
         # Prediction and reference must share one grid, so comparing their canonical arrays compares the files.
         nifti.check_same_grid(ref_geometry, pred_geometry, ref_path, pred_path)
         if names is not None:
-            layout.check_declared_labels(ref, names, ref_path)
-            layout.check_declared_labels(pred, names, pred_path)
+            datasets.check_declared_labels(ref, names, ref_path)
+            datasets.check_declared_labels(pred, names, pred_path)
             present = classes
         else:
             present = sorted(({int(v) for v in np.unique(ref)} | {int(v) for v in np.unique(pred)}) - {0})

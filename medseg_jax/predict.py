@@ -10,15 +10,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import jax
 import numpy as np
 from tqdm.auto import tqdm
 
 from medseg_jax import runs
 from medseg_jax.data import preprocess
 from medseg_jax.errors import MedsegError
-from medseg_jax.infer.postprocess import num_outputs
+from medseg_jax.infer.forward import make_forward
+from medseg_jax.infer.postprocess import logits_to_original
 from medseg_jax.infer.sliding_window import sliding_window_inference
-from medseg_jax.io import layout, nifti
+from medseg_jax.io import datasets, nifti
+from medseg_jax.models.registry import build_network, output_channels
+from medseg_jax.parallel import mesh as mesh_lib
 
 
 def output_name(case_id: str, paths) -> str:
@@ -35,12 +39,13 @@ class Predictor:
     """A loaded run: `predict_array(image, spacing)` and `predict_file(paths, output)`."""
 
     def __init__(self, run_dir: str | Path, checkpoint: str = "best", mesh: dict | None = None):
-        import jax
-
-        from medseg_jax.parallel import mesh as mesh_lib
-        from medseg_jax.train.step import make_forward
-
-        self.config, self.plans, self.model, params = runs.open_for_prediction(run_dir, checkpoint)
+        run = runs.RunDir(run_dir)
+        if not run.path.is_dir():
+            raise MedsegError(f"{run.path}: run directory not found")
+        self.config, self.plans = run.load_config(), run.load_plans()
+        num_classes, in_channels = len(self.plans["labels"]), len(self.plans["normalization"])
+        self.model = build_network(self.config, num_classes, in_channels)
+        params = runs.load_params(run.path, checkpoint)
         patch = tuple(int(p) for p in self.config.train.patch_size)
         batch = int(self.config.infer.batch_size)
         # The training mesh need not exist here: by default every local device takes windows (as many as divide the
@@ -50,14 +55,13 @@ class Predictor:
             space = int(section.get("space", 1)) * int(section.get("space2", 1))
             available = max(1, len(jax.devices()) // space)
             section["data"] = max(d for d in range(1, min(batch, available) + 1) if batch % d == 0)
-        self.layout = mesh_lib.make_layout(section, spatial_dims=len(patch))
+        self.layout = mesh_lib.make_mesh_layout(section, spatial_dims=len(patch))
         mesh_lib.check_batch_divisible(batch, self.layout, key="infer.batch_size")
         mesh_lib.check_patch(self.layout, patch, self.model)
         self.params = jax.device_put(params, self.layout.tree_shardings(params))
-        self.forward = make_forward(self.model, self.layout, (batch, *patch, len(self.plans["normalization"])),
-                                    self.params)
+        self.forward = make_forward(self.model, self.layout, (batch, *patch, in_channels), self.params)
         self.regions = self.config.loss.get("regions") if "loss" in self.config else None
-        self.num_outputs = num_outputs(len(self.plans["labels"]), self.regions)
+        self.num_outputs = output_channels(num_classes, self.regions)
 
     def logits(self, image: np.ndarray, spacing) -> tuple[np.ndarray, preprocess.Preprocessed]:
         """Canonical image (X, Y, Z, C) -> (logits on the preprocessed grid, the preprocessing record)."""
@@ -70,7 +74,7 @@ class Predictor:
     def predict_array(self, image: np.ndarray, spacing) -> np.ndarray:
         """Canonical image (X, Y, Z, C) -> canonical label map (X, Y, Z) on the same grid."""
         logits, pre = self.logits(image, spacing)
-        return preprocess.logits_to_original(logits, pre.crop_box, pre.canonical_shape, self.regions)
+        return logits_to_original(logits, pre.crop_box, pre.canonical_shape, self.regions)
 
     def predict_file(self, paths, output: Path) -> None:
         image, geometry = nifti.read_images(paths)
@@ -98,7 +102,7 @@ def predict(run_dir, input_path, output_dir, *, overwrite: bool = False, skip_ba
     Before writing anything: all inputs are read and checked, and existing outputs are refused unless `overwrite`.
     With `skip_bad`, bad inputs are reported and the good ones predicted.
     """
-    inputs = layout.list_nifti_inputs(input_path)
+    inputs = datasets.list_nifti_inputs(input_path)
     output_dir = Path(output_dir)
     targets = {case_id: output_dir / output_name(case_id, paths) for case_id, paths in inputs}
     existing = [str(p) for p in targets.values() if p.exists()]

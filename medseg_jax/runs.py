@@ -11,7 +11,7 @@
     RUN/training_curve.png       loss and validation Dice against step
     RUN/train_summary.json       seconds, device, best validation Dice
 
-Training writes it; prediction opens it.
+Training writes it; prediction and fine-tuning read its config, plans and params (`load_params`).
 """
 
 from __future__ import annotations
@@ -126,41 +126,19 @@ def restore_raw(manager: ocp.CheckpointManager, step: int) -> dict:
     return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
 
 
-def open_for_prediction(path: str | Path, checkpoint: str = "best"):
-    """Loads (config, plans, model, params) of a trained run; `checkpoint` is "best" or "latest"."""
-    from medseg_jax.models.registry import build_model  # models sit below runs in the house; imported lazily
+def load_params(path: str | Path, checkpoint: str = "best") -> dict:
+    """The params of run directory `path` (its best checkpoint, else its latest) as nested dicts of numpy arrays.
 
+    Restoring without a target gives the saved tree as it was written: prediction and fine-tuning need only the params,
+    and no optimizer to rebuild the full state's structure."""
     run = RunDir(path)
     if not run.path.is_dir():
         raise MedsegError(f"{run.path}: run directory not found")
-    config, plans = run.load_config(), run.load_plans()
-    from medseg_jax.infer.postprocess import num_outputs
-
-    regions = config.loss.get("regions") if "loss" in config else None
-    model = build_model(config.model, num_classes=num_outputs(len(plans["labels"]), regions),
-                        in_channels=len(plans["normalization"]),
-                        patch_size=config.train.patch_size)
     latest, best = run.checkpoint_managers()
     manager = best if checkpoint == "best" and best.latest_step() is not None else latest
     step = manager.best_step() if manager is best else manager.latest_step()
     if step is None:
         raise MedsegError(f"{run.path}: no checkpoint found; train first with `medseg train --workdir {run.path}`")
-    # Restoring without a target gives the saved tree as it was written (nested dicts of arrays): prediction needs
-    # only the params, and needs no optimizer to rebuild the full state's structure.
-    params = jax.tree.map(np.asarray, restore_raw(manager, step)["params"])
-    return config, plans, model, params
-
-
-def load_params(path: str | Path, checkpoint: str = "best") -> dict:
-    """The params of run directory `path` (its best checkpoint, else its latest) as nested dicts of numpy arrays."""
-    run = RunDir(path)
-    if not run.path.is_dir():
-        raise MedsegError(f"{run.path}: run directory not found")
-    latest, best = run.checkpoint_managers()
-    manager = best if checkpoint == "best" and best.latest_step() is not None else latest
-    step = manager.best_step() if manager is best else manager.latest_step()
-    if step is None:
-        raise MedsegError(f"{run.path}: no checkpoint found")
     return jax.tree.map(np.asarray, restore_raw(manager, step)["params"])
 
 

@@ -23,7 +23,7 @@ import jax.numpy as jnp  # noqa: E402
 from medseg_jax.augment.pipeline import augment_config, make_pipeline  # noqa: E402
 from medseg_jax.data import preprocess  # noqa: E402
 from medseg_jax.data.phantoms import generate_case  # noqa: E402
-from medseg_jax.io import nifti  # noqa: E402
+from medseg_jax.io import geometry as geometry_lib  # noqa: E402
 
 PATCH = (96, 96, 48)
 ALL_OFF = {k: 0.0 for k in augment_config("nnunet") if k.startswith("p_")}
@@ -61,9 +61,9 @@ PANELS = [
 
 def sample(modality: str):
     image, label, affine = generate_case(modality, seed=1)
-    geometry = nifti.Geometry.from_affine(affine, image.shape)
-    image = nifti.to_canonical(image[..., None], geometry)
-    label = nifti.to_canonical(label, geometry)
+    geometry = geometry_lib.Geometry.from_affine(affine, image.shape)
+    image = geometry_lib.to_canonical(image[..., None], geometry)
+    label = geometry_lib.to_canonical(label, geometry)
     scheme = {"ct": {"scheme": "ct", "clip": [-200.0, 300.0], "mean": 60.0, "std": 60.0},
               "mri": {"scheme": "zscore"}, "us": {"scheme": "percentile"}}[modality]
     plan = {"normalization": [scheme], "target_spacing": [3.0, 3.0, 3.0], "labels": {"0": "bg"}, "crop": "none"}

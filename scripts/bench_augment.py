@@ -115,9 +115,9 @@ def time_train_step(preset, repeats):
     from medseg_jax.parallel import mesh as mesh_lib
     from medseg_jax.train import step as step_lib
 
-    config = load_config(REPO / "experiments" / "demo.py")
+    config = load_config(REPO / "experiments" / "demo_ct.py")
     patch = tuple(config.train.patch_size)
-    mesh = mesh_lib.make_layout(mesh_lib.mesh_config(data=1))
+    mesh = mesh_lib.make_mesh_layout(mesh_lib.mesh_config(data=1))
     model = build_model(config.model, num_classes=5)
     tx = step_lib.make_optimizer(config.train)
     state = step_lib.create_train_state(model, tx, (1, *patch, 1), jax.random.key(0), mesh)

@@ -30,8 +30,8 @@ import jax  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from medseg_jax.augment.pipeline import augment_config  # noqa: E402
-from medseg_jax.defaults import base_config  # noqa: E402
 from medseg_jax.errors import MedsegError  # noqa: E402
+from medseg_jax.experiments.base import get_config as base_config  # noqa: E402
 from medseg_jax.models.registry import build_model, model_config  # noqa: E402
 from medseg_jax.parallel import mesh as mesh_lib  # noqa: E402
 from medseg_jax.train.memory import step_memory  # noqa: E402
@@ -58,7 +58,7 @@ def config_for(patch: int, space: int, params: str = "replicated", space2: int =
     # the most levels that split evenly (every level when they all do)
     for levels in [-1] + list(range(STAGES - 1, 0, -1)):
         config.mesh.space_levels = levels
-        layout = mesh_lib.make_layout(config.mesh, devices=devices)
+        layout = mesh_lib.make_mesh_layout(config.mesh, devices=devices)
         try:
             mesh_lib.check_patch(layout, config.train.patch_size, model)
             return config, layout, simulated

@@ -143,8 +143,10 @@ def main():
 
     rows, values = [], {}
     for surface in ("surfel", "voxel"):
-        seconds, values[surface] = _best(lambda: evaluate_case(pred, ref, SPACING, labels, TOLERANCE, surface),
-                                         args.repeat)
+        def run(surface=surface):
+            return evaluate_case(pred, ref, SPACING, labels, TOLERANCE, surface)
+
+        seconds, values[surface] = _best(run, args.repeat)
         rows.append((f"medseg_jax `evaluate_case(surface=\"{surface}\")`, all metrics", seconds, surface))
         print(f"ours {surface}: {seconds:.2f} s", flush=True)
 
@@ -187,7 +189,7 @@ def main():
     import monai
 
     print()
-    print(f"Metrics benchmark, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {cpu}, 1 core "
+    print(f"Metrics benchmark, {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, {cpu}, 1 core "
           f"(of {os.cpu_count()}), Python {platform.python_version()}, NumPy {np.__version__}, "
           f"SciPy {scipy.__version__}, torch {torch.__version__}, MONAI {monai.__version__}; "
           f"case {' x '.join(map(str, args.size))} voxels, "

@@ -27,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from medseg_jax.defaults import base_config  # noqa: E402
+from medseg_jax.experiments.base import get_config as base_config  # noqa: E402
 from medseg_jax.models.layers import Upsample  # noqa: E402
 from medseg_jax.models.registry import build_model, model_config  # noqa: E402
 from medseg_jax.parallel import mesh as mesh_lib  # noqa: E402
@@ -58,7 +58,7 @@ def bench_model(label, name, overrides, patch, batch, steps, num_classes=3, in_c
     config.train.optimizer, config.train.learning_rate, config.train.schedule = "adamw", 1e-4, "constant"
     config.train.batch_size, config.train.patch_size = batch, tuple(patch)
     model = build_model(config.model, num_classes=num_classes, in_channels=in_channels, patch_size=patch)
-    mesh = mesh_lib.make_layout(mesh_lib.mesh_config(data=1))
+    mesh = mesh_lib.make_mesh_layout(mesh_lib.mesh_config(data=1))
     tx = step_lib.make_optimizer(config.train)
     state = step_lib.create_train_state(model, tx, (1, *patch, in_channels), jax.random.key(0), mesh)
     params = sum(int(np.size(v)) for v in jax.tree.leaves(state.params))

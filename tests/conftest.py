@@ -73,7 +73,7 @@ def write_tiny_dataset(root: Path, num_train: int = 6, num_test: int = 2, obliqu
 def tiny_config(dataset: Path | str = "", steps: int = 6):
     from medseg_jax.config import load_config
 
-    return load_config(REPO / "experiments" / "demo.py", [
+    return load_config(REPO / "experiments" / "demo_ct.py", [
         f"--config.data.dataset={dataset}", f"--config.train.steps={steps}", f"--config.train.val_every={steps}",
         *TINY_OVERRIDES])
 

@@ -134,8 +134,8 @@ def test_unknown_parameter_and_preset_are_config_errors():
 
 
 def test_training_with_the_nnunet_preset_reads_a_margin(tiny_dataset, tmp_path):
-    from tests.conftest import tiny_config
     from medseg_jax.train.loop import train
+    from tests.conftest import tiny_config
 
     config = tiny_config(tiny_dataset, steps=2)
     config.augment = augment_config("nnunet")

@@ -33,7 +33,7 @@ def dataset(tmp_path):
 
 
 def train_args(dataset, workdir, *extra):
-    return ["train", "--config", REPO / "experiments" / "demo.py", "--workdir", workdir,
+    return ["train", "--config", REPO / "experiments" / "demo_ct.py", "--workdir", workdir,
             f"--config.data.dataset={dataset}", "--config.data.val_cases=1", "--config.model.features=(4,8)",
             "--config.train.patch_size=(16,16,8)", "--config.train.steps=1", *extra]
 

@@ -4,7 +4,7 @@ from medseg_jax.config import apply_overrides, load_config
 from medseg_jax.errors import MedsegError
 from tests.conftest import REPO
 
-DEMO = REPO / "experiments" / "demo.py"
+DEMO = REPO / "experiments" / "demo_ct.py"
 
 
 def test_overrides_parse_to_the_field_type():

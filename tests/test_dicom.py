@@ -13,6 +13,7 @@ from pydicom.uid import JPEG2000Lossless, generate_uid
 
 from medseg_jax.errors import MedsegError
 from medseg_jax.io import dicom, nifti
+from medseg_jax.io import geometry as geometry_lib
 from tests.conftest import rotation
 
 SHAPE = (7, 6, 5)  # columns, rows, slices: all different, so a swapped or flipped axis cannot pass
@@ -42,8 +43,8 @@ def _volume(shape=SHAPE, seed=0):
 
 
 def _expected(volume, affine):
-    geometry = nifti.Geometry.from_affine(affine, volume.shape)
-    return nifti.to_canonical(volume[..., None].astype(np.float32), geometry), geometry
+    geometry = geometry_lib.Geometry.from_affine(affine, volume.shape)
+    return geometry_lib.to_canonical(volume[..., None].astype(np.float32), geometry), geometry
 
 
 def _good_series(tmp_path, name="series", volume=None, affine=None, **kwargs):

@@ -7,7 +7,7 @@ import pytest
 
 from medseg_jax.errors import MedsegError
 from medseg_jax.parallel import distributed
-from medseg_jax.parallel.spec import parse_mesh_arg
+from medseg_jax.parallel.mesh_flag import parse_mesh_arg
 
 
 def test_clusters_are_detected_from_their_launchers_environment():
@@ -41,10 +41,11 @@ def test_mesh_flag_syntax():
 
 def test_train_refuses_a_mesh_larger_than_the_machine_before_writing(tiny_dataset, tmp_path, capsys):
     from conftest import REPO
+
     from medseg_jax.cli import main
 
     run = tmp_path / "run"
-    code = main(["train", "--config", str(REPO / "experiments" / "demo.py"), "--workdir", str(run), "--dataset",
+    code = main(["train", "--config", str(REPO / "experiments" / "demo_ct.py"), "--workdir", str(run), "--dataset",
                  str(tiny_dataset), "--mesh", "data=1,space=2"])
     assert code == 2 and not run.exists()
     assert "config key 'mesh': data=1 x space=2 x space2=1 needs 2 devices, 1 available" in capsys.readouterr().err

@@ -270,9 +270,9 @@ def test_boundary_loss_with_precomputed_maps():
 # config.loss
 
 def test_demo_loss_config_is_the_complete_default():
-    demo = load_config(REPO / "experiments" / "demo.py").loss.to_dict()
+    demo = load_config(REPO / "experiments" / "demo_ct.py").loss.to_dict()
     assert demo == losses.loss_config().to_dict() == losses.LOSS_DEFAULTS
-    from medseg_jax.defaults import base_config
+    from medseg_jax.experiments.base import get_config as base_config
     assert base_config().loss.to_dict() == losses.LOSS_DEFAULTS
 
 
@@ -296,7 +296,7 @@ def test_make_loss_fn_builds_every_name(name):
 
 
 def test_command_line_overrides_of_loss_options():
-    config = load_config(REPO / "experiments" / "demo.py",
+    config = load_config(REPO / "experiments" / "demo_ct.py",
                          ["--config.loss.regions=((1,2),(2,))", "--config.loss.ignore_label=3",
                           "--config.loss.name=dice"])
     labels = jnp.asarray(np.where(np.asarray(_labels(seed=29)) == 0, 3, np.asarray(_labels(seed=29))))

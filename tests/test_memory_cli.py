@@ -16,7 +16,7 @@ def medseg_memory(*args):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["TF_CPP_MIN_LOG_LEVEL"] = "2"
     return subprocess.run([sys.executable, "-m", "medseg_jax.cli", "memory", "--config",
-                           str(REPO / "experiments" / "demo.py"), *args], env=env, capture_output=True, text=True,
+                           str(REPO / "experiments" / "demo_ct.py"), *args], env=env, capture_output=True, text=True,
                           timeout=300)
 
 

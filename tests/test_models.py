@@ -66,7 +66,7 @@ def test_remat_gives_identical_outputs_and_gradients(name):
         return sum(jnp.sum(o ** 2) for o in model.apply({"params": p}, x, train=True))
 
     np.testing.assert_array_equal(loss(plain, params), loss(remat, params))
-    grads = [jax.tree.leaves(jax.grad(lambda p: loss(m, p))(params)) for m in (plain, remat)]
+    grads = [jax.tree.leaves(jax.grad(lambda p, m=m: loss(m, p))(params)) for m in (plain, remat)]
     scale = max(float(jnp.max(jnp.abs(g))) for g in grads[0])
     # conv biases before an instance norm have zero gradient in exact arithmetic: compare against the largest
     # gradient, not elementwise, or their float noise decides the test

@@ -9,8 +9,14 @@ import numpy as np
 import pytest
 
 from medseg_jax.errors import MedsegError
-from medseg_jax.models.swin_unetr import (ENCODER_PARAMS, SwinUNETR, compute_mask, relative_position_index,
-                                          window_partition, window_reverse)
+from medseg_jax.models.swin_unetr import (
+    ENCODER_PARAMS,
+    SwinUNETR,
+    compute_mask,
+    relative_position_index,
+    window_partition,
+    window_reverse,
+)
 from medseg_jax.transfer.monai_swin_unetr import convert, module_from_kwargs
 
 torch = pytest.importorskip("torch",

@@ -28,7 +28,7 @@ def monai_unetr(seed=0, **kwargs):
     torch.manual_seed(seed)
     model = monai_nets.UNETR(**kwargs).eval()
     with torch.no_grad():
-        for name, param in model.named_parameters():
+        for param in model.parameters():
             param.add_(0.1 * torch.randn_like(param))
     return model, {k: v.numpy() for k, v in model.state_dict().items()}
 

@@ -21,7 +21,7 @@ def free_port() -> int:
 
 
 def train_command(dataset, workdir, *extra) -> list[str]:
-    return [sys.executable, "-m", "medseg_jax.cli", "train", "--config", str(REPO / "experiments" / "demo.py"),
+    return [sys.executable, "-m", "medseg_jax.cli", "train", "--config", str(REPO / "experiments" / "demo_ct.py"),
             "--workdir", str(workdir), "--dataset", str(dataset), "--mesh", "data=2,space=2",
             f"--config.train.steps={STEPS}", f"--config.train.val_every={STEPS}", "--config.train.checkpoint_every=10",
             *TINY_OVERRIDES, *extra]

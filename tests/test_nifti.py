@@ -10,6 +10,7 @@ import pytest
 from nibabel import orientations
 
 from medseg_jax.errors import MedsegError
+from medseg_jax.io import geometry as geometry_lib
 from medseg_jax.io import nifti
 from tests.conftest import rotation as rotate
 
@@ -112,13 +113,13 @@ def test_no_sform_no_qform_falls_back_to_pixdims(tmp_path):
 @pytest.mark.parametrize("axcodes", ["".join(p) for p in itertools.product("RL", "AP", "SI")] +
                          ["".join(p) for p in itertools.permutations("RAS")] + ["PIR", "ASL", "ILP", "SPL"])
 def test_to_and_from_canonical_are_inverse_with_channels(axcodes):
-    geometry = nifti.Geometry.from_affine(_affine(axcodes), (3, 4, 5))
+    geometry = geometry_lib.Geometry.from_affine(_affine(axcodes), (3, 4, 5))
     array = np.arange(3 * 4 * 5 * 2).reshape(3, 4, 5, 2)
-    canonical = nifti.to_canonical(array, geometry)
+    canonical = geometry_lib.to_canonical(array, geometry)
     assert canonical.shape[:3] == geometry.canonical_shape()
     expected = orientations.apply_orientation(array, orientations.io_orientation(geometry.affine))
     assert np.array_equal(canonical, expected)
-    assert np.array_equal(nifti.from_canonical(canonical, geometry), array)
+    assert np.array_equal(geometry_lib.from_canonical(canonical, geometry), array)
 
 
 def test_spacing_in_canonical_order(tmp_path):
@@ -133,7 +134,7 @@ def test_geometry_dict_round_trip(tmp_path):
     source = _save(tmp_path / "scan.nii.gz", np.ones((4, 5, 6), np.int16), _affine("LIA", rotation=((1, 1, 0), 20)),
                    sform_code=2, qform_code=1)
     label, geometry = nifti.read_label(source)
-    restored = nifti.Geometry.from_dict(json.loads(json.dumps(geometry.to_dict())))
+    restored = geometry_lib.Geometry.from_dict(json.loads(json.dumps(geometry.to_dict())))
     assert restored.shape == geometry.shape and restored.spacing == geometry.spacing
     assert np.array_equal(restored.affine, geometry.affine)
     assert np.array_equal(restored.to_canonical, geometry.to_canonical)
@@ -146,7 +147,7 @@ def test_geometry_dict_round_trip(tmp_path):
 
 def test_geometry_without_header_writes_scanner_codes(tmp_path):
     affine = _affine("LPS", rotation=((0, 1, 0), 10))
-    geometry = nifti.Geometry.from_affine(affine, (3, 4, 5))
+    geometry = geometry_lib.Geometry.from_affine(affine, (3, 4, 5))
     label = np.ones(geometry.canonical_shape(), np.int32)
     nifti.write_label(tmp_path / "p.nii.gz", label, geometry)
     written = nib.load(tmp_path / "p.nii.gz")
@@ -157,7 +158,7 @@ def test_geometry_without_header_writes_scanner_codes(tmp_path):
 def test_reference_header_is_used(tmp_path):
     affine = _affine("LAS")
     source = _save(tmp_path / "scan.nii.gz", np.zeros((3, 4, 5), np.int16), affine, sform_code=3, qform_code=2)
-    geometry = nifti.Geometry.from_affine(affine, (3, 4, 5))  # no header fields recorded
+    geometry = geometry_lib.Geometry.from_affine(affine, (3, 4, 5))  # no header fields recorded
     nifti.write_label(tmp_path / "p.nii.gz", np.zeros((3, 4, 5), np.uint8), geometry,
                       reference_header=nib.load(source).header)
     written = nib.load(tmp_path / "p.nii.gz")

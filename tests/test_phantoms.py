@@ -15,7 +15,7 @@ from medseg_jax.errors import MedsegError
 CASES_CHECKED = 4
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def case(modality: str, index: int):
     """Case `index` of the dataset drawn with seed 0 (cached: generating is the slow part of this file)."""
     return phantoms.generate_case(modality, phantoms.case_seed(0, index))

@@ -5,8 +5,8 @@ import math
 
 import pytest
 
-from medseg_jax.defaults import base_config
 from medseg_jax.errors import MedsegError
+from medseg_jax.experiments.base import get_config as base_config
 from medseg_jax.train import planner
 from tests.test_cli import assert_clean_error, medseg
 
@@ -91,7 +91,7 @@ def test_compiled_memory_grows_with_batch_and_patch():
 
 def test_cli_plan_writes_the_config_training_starts_from(tmp_path, tiny_dataset):
     run = tmp_path / "run"
-    args = ["plan", "--config", "experiments/demo.py", "--workdir", run, f"--config.data.dataset={tiny_dataset}",
+    args = ["plan", "--config", "experiments/demo_ct.py", "--workdir", run, f"--config.data.dataset={tiny_dataset}",
             "--config.data.target_spacing=(2,2,3)", "--config.model.features=(4,8)", "--budget-gb", "0.05"]
     result = medseg(*args)
     assert result.returncode == 0, result.stderr
@@ -109,7 +109,7 @@ def test_cli_plan_writes_the_config_training_starts_from(tmp_path, tiny_dataset)
 @pytest.mark.slow
 def test_training_starts_from_a_planned_run(tmp_path, tiny_dataset):
     run = tmp_path / "run"
-    planned = medseg("plan", "--config", "experiments/demo.py", "--workdir", run, "--budget-gb", "0.05",
+    planned = medseg("plan", "--config", "experiments/demo_ct.py", "--workdir", run, "--budget-gb", "0.05",
                      f"--config.data.dataset={tiny_dataset}", "--config.data.target_spacing=(2,2,3)",
                      "--config.model.features=(4,8)")
     assert planned.returncode == 0, planned.stderr

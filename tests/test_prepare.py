@@ -21,6 +21,7 @@ from medseg_jax.data.prepare import ValidationFailed, prepare
 from medseg_jax.data.store import Store
 from medseg_jax.errors import MedsegError
 from medseg_jax.io import dicom, nifti
+from medseg_jax.io import geometry as geometry_lib
 from tests.conftest import REPO, make_tiny_case, write_tiny_dataset
 
 
@@ -271,7 +272,7 @@ def test_patch_reads_pad_outside_the_volume(prepared):
 def _world_nearest_reference(stored_label, meta) -> np.ndarray:
     """Nearest-neighbour resampling of the stored label onto the source file's voxels, done independently in world
     coordinates: every source voxel's world position -> the preprocessed grid's voxel index, rounded."""
-    geometry = nifti.Geometry.from_dict(meta["geometry"])
+    geometry = geometry_lib.Geometry.from_dict(meta["geometry"])
     crop_lo = np.array([lo for lo, _ in meta["crop_box"]], np.float64)
     crop_shape = np.array([hi - lo for lo, hi in meta["crop_box"]], np.float64)
     scale = crop_shape / np.array(stored_label.shape, np.float64)  # original voxels per preprocessed voxel
@@ -309,7 +310,7 @@ def test_map_back_of_a_label_equals_nearest_neighbour_resampling(tmp_path):
         assert meta["crop_box"] != [[0, s] for s in meta["canonical_shape"]]
         _, stored_label = store.read_case(case_id)
         geometry = store.geometry(case_id)
-        mapped = nifti.from_canonical(store.map_back(case_id, stored_label, order=0), geometry)
+        mapped = geometry_lib.from_canonical(store.map_back(case_id, stored_label), geometry)
         reference = _world_nearest_reference(stored_label, meta)
         assert np.array_equal(mapped, reference)
         source = np.asarray(nib.load(ds / "labelsTr" / f"{case_id}.nii.gz").dataobj)

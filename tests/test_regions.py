@@ -4,7 +4,8 @@ prediction."""
 import nibabel as nib
 import numpy as np
 
-from medseg_jax.infer.postprocess import num_outputs, region_labels, to_labels
+from medseg_jax.infer.postprocess import region_labels, to_labels
+from medseg_jax.models.registry import output_channels
 from tests.conftest import tiny_config
 
 
@@ -14,7 +15,7 @@ def test_brats_regions_paint_the_innermost_label():
     logits = np.full((4, 3), -1.0)
     logits[1, 0] = logits[2, :2] = logits[3, :] = 1.0
     assert to_labels(logits, regions).tolist() == [0, 1, 2, 3]
-    assert num_outputs(4, regions) == 3 and num_outputs(4, None) == 4
+    assert output_channels(4, regions) == 3 and output_channels(4, None) == 4
     np.testing.assert_array_equal(to_labels(logits), np.argmax(logits, -1))
 
 

@@ -7,7 +7,6 @@ Each test runs tests/workers/sharded.py in a fresh process with XLA_FLAGS=--xla_
 from __future__ import annotations
 
 import pytest
-
 from conftest import run_worker
 
 TOLERANCE = 1e-5

@@ -12,14 +12,15 @@ nnU-Net v2's intensity transforms (noise, blur, brightness, contrast, low resolu
 Presets: `none`; `intensity` (brightness, contrast, noise only: cheap and orientation-preserving, which keeps
 left/right context such as liver vs spleen; the CPU demo uses it); `nnunet` (nnU-Net v2's default transforms,
 probabilities and ranges); `mri_robust`, `ct_robust`, `us_robust` (`nnunet` plus that modality's artifacts; for
-ultrasound no mirroring along the beam). `augment_config(preset)` gives the full ConfigDict of a preset so that every parameter can be
+ultrasound no mirroring along the beam). `augment_config(preset)` gives the full ConfigDict of a preset so that every
+parameter can be
 overridden (`--config.augment.p_rotation=0.5`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import ml_collections

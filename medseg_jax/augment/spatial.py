@@ -12,8 +12,8 @@ at zero strength (or zero probability) the output is exactly the centre crop of 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import jax
 import jax.numpy as jnp

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
+from medseg_jax.io import geometry as geometry_lib
 from medseg_jax.io import nifti
-from medseg_jax.io.layout import Case, check_declared_labels
+from medseg_jax.io.datasets import Case, check_declared_labels
 
 
 @dataclass
@@ -16,7 +17,7 @@ class LoadedCase:
     case_id: str
     image: np.ndarray  # (X, Y, Z, C) canonical
     label: np.ndarray | None  # (X, Y, Z) canonical
-    geometry: nifti.Geometry
+    geometry: geometry_lib.Geometry
 
 
 def load_case(case: Case, declared_labels: Sequence[int] | None = None) -> LoadedCase:

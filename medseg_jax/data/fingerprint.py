@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 import zlib
-from typing import Sequence
+from collections.abc import Sequence
 
 import ml_collections
 import numpy as np

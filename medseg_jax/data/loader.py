@@ -20,8 +20,8 @@ same samples. `device_batches` puts each batch on the mesh, each local device re
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import grain
 import numpy as np

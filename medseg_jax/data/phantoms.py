@@ -16,9 +16,9 @@ about a third of them on an oblique grid, so that readers have to honour the aff
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import nibabel as nib
 import numpy as np

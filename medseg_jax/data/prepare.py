@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import logging
 import multiprocessing
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -32,8 +33,10 @@ from medseg_jax.data import preprocess
 from medseg_jax.data import store as store_lib
 from medseg_jax.data.cases import load_case
 from medseg_jax.errors import MedsegError
-from medseg_jax.io import layout
-from medseg_jax.io.layout import Problem
+from medseg_jax.io import datasets
+from medseg_jax.io.datasets import Problem
+
+log = logging.getLogger(__name__)
 
 MAX_LOCATIONS_PER_CLASS = 10_000
 MIN_LOCATION_COVERAGE = 0.01
@@ -65,7 +68,7 @@ def _relative(path: Path, root: Path) -> str:
         return str(path)
 
 
-def validate_case(case: layout.Case, declared: Sequence[int]) -> tuple[str, dict | None, Problem | None]:
+def validate_case(case: datasets.Case, declared: Sequence[int]) -> tuple[str, dict | None, Problem | None]:
     """Reads and checks one case; returns its fingerprint or its problem."""
     try:
         loaded = load_case(case, declared)
@@ -97,7 +100,7 @@ def class_locations(label: np.ndarray, seed: int) -> tuple[np.ndarray, dict[str,
     return locations, offsets
 
 
-def prepare_case(case: layout.Case, root: Path, source_root: Path, plan: dict, declared: Sequence[int]) -> str:
+def prepare_case(case: datasets.Case, root: Path, source_root: Path, plan: dict, declared: Sequence[int]) -> str:
     """Reads, preprocesses and writes one case into the store (atomically)."""
     loaded = load_case(case, declared)
     pre = preprocess.preprocess_case(loaded.image, loaded.geometry.spacing, plan, loaded.label)
@@ -148,7 +151,7 @@ def _run(fn, items: Sequence, workers: int, desc: str, args: tuple = ()):
         bar.close()
 
 
-def describe_source(spec: layout.DatasetSpec, cases: Sequence[layout.Case]) -> dict:
+def describe_source(spec: datasets.DatasetSpec, cases: Sequence[datasets.Case]) -> dict:
     """Files of the prepared cases with size and modification time: a changed source is noticed on resume."""
     def stat(path: Path) -> list:
         paths = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
@@ -189,7 +192,7 @@ def prepare(source, out, data_config=None, *, skip_bad: bool = False, workers: i
     source = Path(source)
     existing = _check_out(out)
     problems: list[Problem] = []
-    spec = layout.load_dataset(source, problems=problems)
+    spec = datasets.load_dataset(source, problems=problems)
     declared = sorted(spec.labels)
     if declared != list(range(len(declared))):
         raise MedsegError(f"{spec.root / 'dataset.json'}: label values {declared} are not 0..K-1 (not supported "
@@ -212,7 +215,7 @@ def prepare(source, out, data_config=None, *, skip_bad: bool = False, workers: i
         problems = [Problem(**p) for p in header["problems"]]
         done = len(store_lib.completed_cases(out) & set(header["cases"]))
         if done < len(cases):
-            print(f"resuming {out}: {done} of {len(cases)} cases already prepared")
+            log.info("resuming %s: %d of %d cases already prepared", out, done, len(cases))
     else:
         results = list(_run(validate_case, spec.training, workers, "validating", (declared,)))
         records = {case_id: record for case_id, record, _ in results if record is not None}

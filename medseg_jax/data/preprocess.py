@@ -12,8 +12,8 @@ Resampling uses the voxel-area alignment of `scipy.ndimage.zoom(grid_mode=True)`
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import scipy.ndimage
@@ -103,7 +103,7 @@ def preprocess_case(image: np.ndarray, spacing: Sequence[float], plan: dict,
     return Preprocessed(out, out_label, box, tuple(int(s) for s in image.shape[:3]))
 
 
-def _paste(inside: np.ndarray, crop_box, canonical_shape, fill=0) -> np.ndarray:
+def paste(inside: np.ndarray, crop_box, canonical_shape, fill=0) -> np.ndarray:
     """`inside` (the crop box's content) placed in a volume of `canonical_shape` filled with `fill`."""
     out = np.full(tuple(canonical_shape) + inside.shape[3:], fill, dtype=inside.dtype)
     out[tuple(slice(lo, hi) for lo, hi in crop_box)] = inside
@@ -117,15 +117,4 @@ def map_back(array: np.ndarray, crop_box: Sequence[Sequence[int]], canonical_sha
     Resized onto the crop box (order 0: nearest, 1: linear) and placed in a volume of `canonical_shape` filled with
     `fill` outside it."""
     box_shape = [hi - lo for lo, hi in crop_box]
-    return _paste(resize(array, box_shape, order=order), crop_box, canonical_shape, fill)
-
-
-def logits_to_original(logits: np.ndarray, crop_box, canonical_shape, regions=None) -> np.ndarray:
-    """Preprocessed-grid logits (X', Y', Z', K) -> label map on the canonical original grid (background outside the
-    crop box). The logits are resized onto the crop box and turned into labels there (argmax, or the sigmoid regions
-    painted in order with `regions`, see `infer.postprocess`), so only one channel is ever full size."""
-    from medseg_jax.infer.postprocess import to_labels
-
-    box_shape = [hi - lo for lo, hi in crop_box]
-    labels = to_labels(resize(logits, box_shape, order=1), regions)
-    return _paste(labels.astype(np.uint8 if labels.max(initial=0) < 256 else np.int16), crop_box, canonical_shape)
+    return paste(resize(array, box_shape, order=order), crop_box, canonical_shape, fill)

@@ -26,15 +26,15 @@ import json
 import os
 import shutil
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import tensorstore as ts
 
 from medseg_jax import fileio
 from medseg_jax.errors import MedsegError
-from medseg_jax.io import nifti
+from medseg_jax.io import geometry as geometry_lib
 
 FORMAT = 1
 PARTIAL_PREFIX = ".partial-"
@@ -72,7 +72,8 @@ def create_root(path: Path) -> None:
 
 
 def _array_spec(path: Path, shape: Sequence[int], dtype: str, inner_chunk: Sequence[int]) -> dict:
-    inner = [max(1, min(int(c), int(s))) for c, s in zip(inner_chunk, shape)] + [int(s) for s in shape[len(inner_chunk):]]
+    inner = [max(1, min(int(c), int(s))) for c, s in zip(inner_chunk, shape)]
+    inner += [int(s) for s in shape[len(inner_chunk):]]
     shard = [max(1, -(-int(s) // c) * c) for s, c in zip(shape, inner)]  # whole array in one shard file
     return {
         "driver": "zarr3",
@@ -238,17 +239,15 @@ class Store:
         path = Path(relative)
         return path if path.is_absolute() else Path(self.manifest.get("source_root", "")) / path
 
-    def geometry(self, case_id: str) -> nifti.Geometry:
-        return nifti.Geometry.from_dict(self.cases[case_id]["geometry"])
+    def geometry(self, case_id: str) -> geometry_lib.Geometry:
+        return geometry_lib.Geometry.from_dict(self.cases[case_id]["geometry"])
 
-    def map_back(self, case_id: str, array: np.ndarray, order: int = 0, regions=None) -> np.ndarray:
-        """A preprocessed-grid array of a case (a label map: order 0; logits (X', Y', Z', K): order 1, then argmax)
-        -> a label map on the case's original canonical grid, through the manifest's crop box and shape.
+    def map_back(self, case_id: str, label: np.ndarray) -> np.ndarray:
+        """A preprocessed-grid label map of a case -> the case's original canonical grid (nearest), through the
+        manifest's crop box and shape (logits go back with `infer.postprocess.logits_to_original`).
 
         `nifti.write_label(path, result, store.geometry(case_id))` writes it in the source file's own geometry."""
         from medseg_jax.data import preprocess
 
         meta = self.cases[case_id]
-        if order == 0:
-            return preprocess.map_back(array, meta["crop_box"], meta["canonical_shape"], order=0)
-        return preprocess.logits_to_original(array, meta["crop_box"], meta["canonical_shape"], regions)
+        return preprocess.map_back(label, meta["crop_box"], meta["canonical_shape"], order=0)

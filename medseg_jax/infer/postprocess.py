@@ -1,4 +1,5 @@
-"""Network outputs -> label maps: softmax outputs by argmax, region (sigmoid) outputs by painting the regions in order.
+"""Network outputs -> label maps: softmax outputs by argmax, region (sigmoid) outputs by painting the regions in order;
+and preprocessed-grid logits back onto a scan's original (canonical) grid.
 
 Region-based models (nnU-Net's regions, BraTS style) have one sigmoid output per possibly overlapping region, e.g.
 whole tumour {1, 2, 3}, tumour core {2, 3}, enhancing {3}. A voxel belongs to a region where its logit is > 0
@@ -9,9 +10,11 @@ whole tumour {1, 2, 3}, tumour core {2, 3}, enhancing {3}. A voxel belongs to a 
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
+
+from medseg_jax.data.preprocess import paste, resize
 
 
 def region_labels(regions: Sequence[Sequence[int]]) -> list[int]:
@@ -24,11 +27,6 @@ def region_labels(regions: Sequence[Sequence[int]]) -> list[int]:
     return labels
 
 
-def num_outputs(num_classes: int, regions=None) -> int:
-    """Output channels of the network: one per class, or one per region."""
-    return len(regions) if regions else num_classes
-
-
 def to_labels(logits: np.ndarray, regions=None) -> np.ndarray:
     """(..., K) logits -> (...) integer labels."""
     if not regions:
@@ -37,3 +35,12 @@ def to_labels(logits: np.ndarray, regions=None) -> np.ndarray:
     for channel, value in enumerate(region_labels(regions)):
         labels[logits[..., channel] > 0] = value
     return labels
+
+
+def logits_to_original(logits: np.ndarray, crop_box, canonical_shape, regions=None) -> np.ndarray:
+    """Preprocessed-grid logits (X', Y', Z', K) -> label map on the canonical original grid (background outside the
+    crop box). The logits are resized onto the crop box (linear) and turned into labels there (`to_labels`), so only
+    one channel is ever full size."""
+    box_shape = [hi - lo for lo, hi in crop_box]
+    labels = to_labels(resize(logits, box_shape, order=1), regions)
+    return paste(labels.astype(np.uint8 if labels.max(initial=0) < 256 else np.int16), crop_box, canonical_shape)

@@ -1,6 +1,7 @@
 """Sliding-window inference with Gaussian importance weighting (nnU-Net v2 / MONAI style): pure array functions.
 
-The volume is covered by windows of `patch_size` whose starts are spaced at most `patch * (1 - overlap)` apart (nnU-Net's
+The volume is covered by windows of `patch_size` whose starts are spaced at most `patch * (1 - overlap)` apart
+(nnU-Net's
 rule: the fewest steps that achieve the overlap, spread evenly so the last window ends at the border). Each window's
 logits are multiplied by a Gaussian importance map (sigma = `sigma_scale` * patch size, peak 1, zeros raised to the
 smallest nonzero value) and accumulated; the result is the weighted average of the logits at every voxel. A volume
@@ -10,7 +11,7 @@ smaller than the patch is zero-padded (symmetrically) and the padding cropped fr
 from __future__ import annotations
 
 import itertools
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import scipy.ndimage

@@ -33,9 +33,9 @@ from pydicom.multival import MultiValue
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import format_number_as_ds
 
-from medseg_jax.errors import MedsegError
+from medseg_jax.errors import MedsegError, short_error
 from medseg_jax.fileio import atomic_path
-from medseg_jax.io.nifti import Geometry, _short, to_canonical
+from medseg_jax.io.geometry import Geometry, to_canonical
 
 DICOM_SUFFIX = ".dcm"
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -101,12 +101,12 @@ def _read_dataset(path: Path) -> pydicom.Dataset:
     except InvalidDicomError:
         pass  # no DICM marker: some writers omit it; read with force=True and require image attributes
     except Exception as error:
-        raise MedsegError(f"{path}: cannot read as DICOM ({_short(error)}); is the file complete?") from None
+        raise MedsegError(f"{path}: cannot read as DICOM ({short_error(error)}); is the file complete?") from None
     try:
         dataset = pydicom.dcmread(path, force=True)
     except Exception as error:
-        raise MedsegError(f"{path}: cannot read as DICOM ({_short(error)}); remove the file from the series folder "
-                          "or replace it with a valid DICOM slice") from None
+        raise MedsegError(f"{path}: cannot read as DICOM ({short_error(error)}); remove the file from the series "
+                          "folder or replace it with a valid DICOM slice") from None
     if "PixelData" not in dataset and "FloatPixelData" not in dataset and "Rows" not in dataset:
         raise MedsegError(f"{path}: cannot read as DICOM (no DICM marker, and no image attributes when read without "
                           "it); remove the file from the series folder or replace it with a valid DICOM slice")
@@ -246,9 +246,9 @@ def _slice_values(s: _Slice) -> np.ndarray:
     except Exception as error:
         syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
         name = getattr(syntax, "name", None) or str(syntax or "unknown transfer syntax")
-        raise MedsegError(f"{s.path}: cannot decode the pixel data ({name}: {_short(error)}); install a decoder for "
-                          "this compression (e.g. pylibjpeg with its plugins, or python-gdcm) or convert the series "
-                          "to uncompressed DICOM (e.g. gdcmconv --raw)") from None
+        raise MedsegError(f"{s.path}: cannot decode the pixel data ({name}: {short_error(error)}); install a decoder "
+                          "for this compression (e.g. pylibjpeg with its plugins, or python-gdcm) or convert the "
+                          "series to uncompressed DICOM (e.g. gdcmconv --raw)") from None
     pixels = np.asarray(pixels)
     if pixels.shape != (s.rows, s.columns):
         raise MedsegError(f"{s.path}: pixel data has shape {pixels.shape}, expected {s.rows} x {s.columns} (rows x "
@@ -279,7 +279,7 @@ def read_series(folder: str | os.PathLike, dtype=np.float32) -> tuple[np.ndarray
     try:
         files = _dicom_files(folder)
     except OSError as error:
-        raise MedsegError(f"{folder}: cannot list the folder ({_short(error)})") from None
+        raise MedsegError(f"{folder}: cannot list the folder ({short_error(error)})") from None
     if not files:
         raise MedsegError(f"{folder}: no DICOM files (*.dcm, or files starting with the DICM marker) in this folder")
     datasets = [(path, _read_dataset(path)) for path in files]

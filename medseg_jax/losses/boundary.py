@@ -35,7 +35,6 @@ from jax import lax
 from medseg_jax.losses._common import as_float32, spatial_axes, valid_mask
 from medseg_jax.losses.dice import soft_dice_loss
 
-
 _FAR = 1e9  # squared distance of "no feature voxel in reach"
 
 

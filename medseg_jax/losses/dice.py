@@ -6,7 +6,7 @@ to_onehot_y=True`) for the same options, channels moved last; `tests/test_losses
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp

@@ -8,7 +8,7 @@ Dice over every region, none of them a background).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp

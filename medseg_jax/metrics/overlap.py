@@ -18,7 +18,7 @@ reports count it. Both volume differences are signed: positive when the predicti
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 

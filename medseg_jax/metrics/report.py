@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -108,6 +108,19 @@ def markdown(summary: dict, comparisons: Sequence[dict], metrics: Sequence[str],
             p = "n/a" if c["p_value"] is None else f"{c['p_value']:.4g}"
             lines.append(f"| {c['a']} | {c['b']} | {c['name']} | {c['metric']} | {c['n']} | {median} | {p} |")
     return "\n".join(lines) + "\n"
+
+
+def dice_table(summary: dict) -> str:
+    """The console table of an evaluation summary (`medseg evaluate`, `medseg demo`): mean Dice per class and over
+    the foreground classes."""
+    width = max([len(n) for n in summary["per_class"]] + [12])
+    lines = [f"{'class':<{width}}  mean Dice", "-" * (width + 11)]
+    for name, value in summary["per_class"].items():
+        lines.append(f"{name:<{width}}  {'n/a' if value is None else f'{value:.4f}'}")
+    lines.append("-" * (width + 11))
+    mean = summary["mean_dice"]
+    lines.append(f"{'foreground':<{width}}  {'n/a' if mean is None else f'{mean:.4f}'}  ({summary['num_cases']} cases)")
+    return "\n".join(lines)
 
 
 def box_plot(rows: Sequence[dict], metric: str, path: Path, unit: str = "") -> None:

@@ -116,6 +116,21 @@ def build_model(model_config: ml_collections.ConfigDict, num_classes: int, in_ch
     return module
 
 
+def output_channels(num_classes: int, regions=None) -> int:
+    """Output channels of the network: one per class (softmax), or one per region with `loss.regions` (sigmoid)."""
+    return len(regions) if regions else num_classes
+
+
+def build_network(config: ml_collections.ConfigDict, num_classes: int, in_channels: int) -> nn.Module:
+    """The network of experiment `config` for a dataset of `num_classes` labels (background included) and
+    `in_channels` channels: `config.model` with `output_channels` outputs, sized for `config.train.patch_size`.
+    Training, `medseg memory`, the planner and prediction all build their network here."""
+    regions = config.loss.get("regions") if "loss" in config else None
+    patch_size = tuple(int(p) for p in config.train.patch_size)
+    return build_model(config.model, num_classes=output_channels(num_classes, regions), in_channels=in_channels,
+                       patch_size=patch_size)
+
+
 class AxisPermuted(nn.Module):
     """Runs `net` on the input with its spatial axes reordered (`permutation[a]` = our axis feeding the network's axis
     a) and puts the output back in our order: imported networks were trained on another axis convention (nnU-Net

@@ -17,7 +17,7 @@ renaming. Torch axes (D, H, W) are our (X, Y, Z) in order.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax

@@ -19,7 +19,7 @@ float32). `remat=True` recomputes each stage's activations in the backward pass 
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp

@@ -31,7 +31,7 @@ position embeddings are tied to it, as in MONAI).
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax

@@ -24,16 +24,17 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from medseg_jax.errors import MedsegError
-from medseg_jax.parallel.spec import parse_mesh_arg  # noqa: F401  (re-exported)
 
 DATA_AXIS, SPACE_AXIS, SPACE2_AXIS = "data", "space", "space2"
 AXES = (DATA_AXIS, SPACE_AXIS, SPACE2_AXIS)
@@ -51,7 +52,7 @@ def mesh_config(**overrides) -> ml_collections.ConfigDict:
 
 
 @dataclass(frozen=True)
-class Layout:
+class MeshLayout:
     """A mesh plus where the volume's axes go on it."""
 
     mesh: Mesh
@@ -110,9 +111,9 @@ class Layout:
         return jax.tree.map(lambda leaf: self.param_sharding(tuple(np.shape(leaf))), tree)
 
 
-def make_layout(section: ml_collections.ConfigDict | dict | None = None, devices: Sequence | None = None,
-                spatial_dims: int = 3) -> Layout:
-    """The Layout of the config's `mesh` section (missing keys: defaults) over `devices` (default: all, every
+def make_mesh_layout(section: ml_collections.ConfigDict | dict | None = None, devices: Sequence | None = None,
+                spatial_dims: int = 3) -> MeshLayout:
+    """The MeshLayout of the config's `mesh` section (missing keys: defaults) over `devices` (default: all, every
     process's). Bad values are one-line errors naming the key."""
     values = dict(MESH_DEFAULTS)
     if section is not None:
@@ -147,7 +148,7 @@ def make_layout(section: ml_collections.ConfigDict | dict | None = None, devices
         raise MedsegError(f"config key 'mesh.params': '{values['params']}' (known: {', '.join(PARAM_MODES)})")
     mesh = jax.make_mesh((data, space, space2), AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
                          devices=devices[:data * space * space2])
-    return Layout(mesh, tuple(axes), int(values["space_levels"]), str(values["params"]))
+    return MeshLayout(mesh, tuple(axes), int(values["space_levels"]), str(values["params"]))
 
 
 def devices_for_compile(count: int) -> tuple[list, bool]:
@@ -161,7 +162,7 @@ def devices_for_compile(count: int) -> tuple[list, bool]:
     return devices, devices[0].platform == "cpu" and count > 1
 
 
-def check_batch_divisible(batch_size: int, layout: Layout, key: str = "train.batch_size") -> None:
+def check_batch_divisible(batch_size: int, layout: MeshLayout, key: str = "train.batch_size") -> None:
     if batch_size % layout.data_size:
         raise MedsegError(f"config key '{key}': {batch_size} does not divide over {layout.data_size} devices on the "
                           "mesh's data axis")
@@ -176,7 +177,7 @@ def level_sizes(patch_size: Sequence[int], stage_strides: Sequence[Sequence[int]
     return sizes
 
 
-def check_patch(layout: Layout, patch_size: Sequence[int], model, key: str = "train.patch_size") -> None:
+def check_patch(layout: MeshLayout, patch_size: Sequence[int], model, key: str = "train.patch_size") -> None:
     """Every level that is split over a spatial mesh axis must divide evenly over it: a one-line error names the
     level, the axis and the size. Models without levels (transformers) are checked at full resolution only."""
     if not layout.space_axes:
@@ -208,11 +209,11 @@ def check_patch(layout: Layout, patch_size: Sequence[int], model, key: str = "tr
 
 
 # --- activation constraints, active while a step is traced ---------------------------------------------------------
-_ACTIVE: contextvars.ContextVar[Layout | None] = contextvars.ContextVar("medseg_activation_layout", default=None)
+_ACTIVE: contextvars.ContextVar[MeshLayout | None] = contextvars.ContextVar("medseg_activation_layout", default=None)
 
 
 @contextlib.contextmanager
-def activation_layout(layout: Layout | None):
+def activation_layout(layout: MeshLayout | None):
     """Within this block (while a jitted function is traced) `constrain` pins activations to `layout`."""
     token = _ACTIVE.set(layout)
     try:
@@ -276,3 +277,17 @@ def from_local_rows(rows: Sequence[int], local: np.ndarray, sharding: NamedShard
         return local[[position[r] for r in batch]][(slice(None),) + tuple(index[1:])]
 
     return jax.make_array_from_callback(tuple(global_shape), sharding, shard)
+
+
+def describe_devices() -> str:
+    """E.g. "8x gpu (NVIDIA H200)": the devices of this run, for summaries."""
+    devices = jax.devices()
+    kind = devices[0].device_kind if hasattr(devices[0], "device_kind") else devices[0].platform
+    return f"{len(devices)}x {devices[0].platform} ({kind})"
+
+
+def describe_mesh(layout: MeshLayout) -> str:
+    """E.g. "mesh data=2 x space=4, 2 processes" (axes of size 1 left out)."""
+    shape = " x ".join(f"{name}={size}" for name, size in layout.describe().items() if size > 1) or "one device"
+    processes = f", {jax.process_count()} processes" if jax.process_count() > 1 else ""
+    return f"mesh {shape}{processes}"

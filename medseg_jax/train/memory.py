@@ -1,9 +1,10 @@
 """Device memory of the train step for a mesh, measured by compiling it (nothing is allocated or run).
 
-`compile_train_step(config, num_classes, in_channels, layout)` lowers the actual step of an experiment (model, loss,
-optimizer, the augmentation inside the step at its input size, the mesh's shardings and activation constraints) on
-abstract shapes and compiles it; `memory_stats(compiled)` reads XLA's memory analysis of the per-device program:
-arguments (params, optimizer state, the batch shard), outputs, temporaries, less the donated buffers XLA reuses.
+`compile_train_step(config, num_classes, in_channels, layout)` lowers the actual step of an experiment, as
+`train/experiment.build_experiment` sets it up for training (model, loss, optimizer, the augmentation inside the step at
+its input size, the mesh's shardings and activation constraints), on abstract shapes and compiles it;
+`memory_stats(compiled)` reads XLA's memory analysis of the per-device program: arguments (params, optimizer state, the
+batch shard), outputs, temporaries, less the donated buffers XLA reuses.
 `medseg memory` prints it as JSON so meshes and patch sizes can be chosen before booking a cluster; `medseg plan` uses
 the same measurement on one device.
 """
@@ -18,37 +19,15 @@ import ml_collections
 
 from medseg_jax.errors import MedsegError
 from medseg_jax.parallel import mesh as mesh_lib
+from medseg_jax.train.experiment import build_experiment
 
 
 def compile_train_step(config: ml_collections.ConfigDict, num_classes: int, in_channels: int,
-                       layout: mesh_lib.Layout):
-    """The compiled train step of `config` over `layout` (checks: batch over `data`, patch over the spatial axes)."""
-    from medseg_jax import augment
-    from medseg_jax.infer.postprocess import num_outputs
-    from medseg_jax.models.registry import build_model
-    from medseg_jax.train import step as step_lib
-    from medseg_jax.train.loop import check_patch_size
-
-    patch = tuple(int(p) for p in config.train.patch_size)
-    batch = int(config.train.batch_size)
-    regions = config.loss.get("regions") if "loss" in config else None
-    model = build_model(config.model, num_classes=num_outputs(num_classes, regions), in_channels=in_channels,
-                        patch_size=patch)
-    check_patch_size(patch, model)
-    mesh_lib.check_batch_divisible(batch, layout)
-    mesh_lib.check_patch(layout, patch, model)
-    tx = step_lib.make_optimizer(config.train)
-    schedule = step_lib.make_schedule(config.train)
-    augment_fn = augment.make_pipeline(config.augment, patch, num_classes)
-    state = step_lib.abstract_train_state(model, tx, (1, *patch, in_channels), layout)
-    shapes = step_lib.batch_shapes(batch, augment_fn.input_size, in_channels)
-    train_step = step_lib.make_train_step(model, tx, step_lib.make_loss_fn(config.loss), augment_fn, schedule, layout,
-                                          state, shapes)
-    shardings = step_lib.batch_shardings(layout, shapes)
-    batch_abstract = {"image": jax.ShapeDtypeStruct(shapes["image"], jax.numpy.float32, sharding=shardings["image"]),
-                      "label": jax.ShapeDtypeStruct(shapes["label"], jax.numpy.int32, sharding=shardings["label"])}
-    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=layout.replicated())
-    return train_step.lower(state, batch_abstract, key).compile(), state
+                       layout: mesh_lib.MeshLayout):
+    """The compiled train step of `config` over `layout` and the train state's abstract template (checks: batch over
+    `data`, patch over the spatial axes)."""
+    experiment = build_experiment(config, num_classes, in_channels, layout)
+    return experiment.compile_train_step(), experiment.state_template
 
 
 def memory_stats(compiled) -> dict:
@@ -65,7 +44,7 @@ def memory_stats(compiled) -> dict:
     return {"peak": max(total, xla_peak), **breakdown}
 
 
-def step_memory(config: ml_collections.ConfigDict, num_classes: int, in_channels: int, layout: mesh_lib.Layout,
+def step_memory(config: ml_collections.ConfigDict, num_classes: int, in_channels: int, layout: mesh_lib.MeshLayout,
                 simulated: bool = False) -> dict:
     """The `medseg memory` report for `config` on `layout`."""
     started = time.time()

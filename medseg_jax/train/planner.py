@@ -24,13 +24,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import ml_collections
 import numpy as np
 
 from medseg_jax.errors import MedsegError
+from medseg_jax.models.registry import build_network
+from medseg_jax.models.unet import RESENC_PRESETS
+from medseg_jax.parallel import mesh as mesh_lib
+from medseg_jax.train.memory import compile_train_step, memory_stats
 
 GB = 1024 ** 3
 UNETS = ("plain_unet", "resenc_unet", "unet")
@@ -104,10 +108,7 @@ class Measurement:
 def compiled_step_bytes(config: ml_collections.ConfigDict, num_classes: int, in_channels: int) -> int:
     """Peak memory XLA reports for the train step of `config` (model, train.patch_size, train.batch_size, augment)
     on one device."""
-    from medseg_jax.parallel import mesh as mesh_lib
-    from medseg_jax.train.memory import compile_train_step
-
-    layout = mesh_lib.make_layout(mesh_lib.mesh_config(data=1), devices=jax.devices()[:1],
+    layout = mesh_lib.make_mesh_layout(mesh_lib.mesh_config(data=1), devices=jax.devices()[:1],
                                   spatial_dims=len(config.train.patch_size))
     compiled, _ = compile_train_step(config, num_classes, in_channels, layout)
     return compiled_bytes(compiled)
@@ -116,8 +117,6 @@ def compiled_step_bytes(config: ml_collections.ConfigDict, num_classes: int, in_
 def compiled_bytes(compiled) -> int:
     """Device memory a compiled program needs: its arguments, outputs and temporaries, less donated (aliased) buffers.
     XLA's own `peak_memory_in_bytes` is used when larger (on CPU it counts only part of this)."""
-    from medseg_jax.train.memory import memory_stats
-
     return memory_stats(compiled)["peak"]
 
 
@@ -226,8 +225,6 @@ def plan_experiment(config: ml_collections.ConfigDict, plans: dict, num_cases: i
 
 def _preset_budget(model_config) -> float | None:
     if model_config.name == "resenc_unet":
-        from medseg_jax.models.unet import RESENC_PRESETS
-
         preset = model_config.get("preset", "M")
         if preset not in RESENC_PRESETS:
             raise MedsegError(f"config key 'model.preset': '{preset}' is not one of {', '.join(RESENC_PRESETS)}")
@@ -244,14 +241,10 @@ def _divisor(config) -> list[int]:
 
 
 def _fixed_divisor(config, num_classes, in_channels) -> list[int]:
-    from medseg_jax.models.registry import build_model
-
     dims = len(config.train.patch_size)
     if config.model.name == "unetr":
         return [16] * dims
-    model = build_model(config.model, num_classes=num_classes, in_channels=in_channels,
-                        patch_size=config.train.patch_size)
-    return list(model.total_downsampling())
+    return list(build_network(config, num_classes, in_channels).total_downsampling())
 
 
 def _round_to(patch, divisor) -> list[int]:

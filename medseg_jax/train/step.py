@@ -9,7 +9,8 @@ is the run's root key folded with the step, split per sample inside for augmenta
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax
 import flax.linen as nn
@@ -33,7 +34,7 @@ class TrainState:
         return {"step": self.step, "params": self.params, "opt_state": self.opt_state}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainState":
+    def from_dict(cls, d: dict) -> TrainState:
         return cls(step=d["step"], params=d["params"], opt_state=d["opt_state"])
 
 
@@ -65,38 +66,38 @@ def make_optimizer(train_config: ml_collections.ConfigDict) -> optax.GradientTra
     return tx
 
 
-def create_train_state(model: nn.Module, tx: optax.GradientTransformation, sample_shape, key,
-                       layout: mesh_lib.Layout) -> TrainState:
-    """Initialises params and optimizer state directly with their shardings (replicated, or split with
-    mesh.params="sharded")."""
-
+def _init_fn(model: nn.Module, tx: optax.GradientTransformation, sample_shape) -> Callable:
     def init(key):
         params = model.init(key, jnp.zeros(sample_shape, jnp.float32))["params"]
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
+    return init
+
+
+def create_train_state(model: nn.Module, tx: optax.GradientTransformation, sample_shape, key,
+                       layout: mesh_lib.MeshLayout) -> TrainState:
+    """Initialises params and optimizer state directly with their shardings (replicated, or split with
+    mesh.params="sharded")."""
+    init = _init_fn(model, tx, sample_shape)
     return jax.jit(init, out_shardings=state_shardings(jax.eval_shape(init, key), layout))(key)
 
 
-def abstract_train_state(model: nn.Module, tx: optax.GradientTransformation, sample_shape, layout: mesh_lib.Layout):
+def abstract_train_state(model: nn.Module, tx: optax.GradientTransformation, sample_shape,
+                         layout: mesh_lib.MeshLayout):
     """The train state's shapes, dtypes and shardings, without allocating it (for compiling ahead of time)."""
-
-    def init(key):
-        params = model.init(key, jnp.zeros(sample_shape, jnp.float32))["params"]
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-
-    abstract = jax.eval_shape(init, jax.random.key(0))
+    abstract = jax.eval_shape(_init_fn(model, tx, sample_shape), jax.random.key(0))
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
                         state_shardings(abstract, layout))
 
 
-def state_shardings(state_or_abstract, layout: mesh_lib.Layout):
+def state_shardings(state_or_abstract, layout: mesh_lib.MeshLayout):
     return layout.tree_shardings(state_or_abstract)
 
 
 def make_loss_fn(loss_config: ml_collections.ConfigDict) -> Callable:
-    """`loss_fn(outputs, labels)` from `config.loss` (see medseg_jax/losses/config.py for names and options; a bad name
-    or option is a MedsegError naming its key). `outputs` is the logits or, with deep supervision, a list of them, full
-    resolution first, weighted as nnU-Net."""
+    """`loss_fn(outputs, labels)` from `config.loss` (see medseg_jax/losses/registry.py for names and options; a bad
+    name or option is a MedsegError naming its key). `outputs` is the logits or, with deep supervision, a list of them,
+    full resolution first, weighted as nnU-Net."""
     return functools.partial(losses.deep_supervision_loss, loss_fn=losses.build_loss(loss_config))
 
 
@@ -105,7 +106,7 @@ def batch_shapes(batch_size: int, input_size, channels: int) -> dict[str, tuple[
     return {"image": (batch_size, *input_size, channels), "label": (batch_size, *input_size)}
 
 
-def batch_shardings(layout: mesh_lib.Layout, shapes: dict) -> dict:
+def batch_shardings(layout: mesh_lib.MeshLayout, shapes: dict) -> dict:
     return {"image": layout.array_sharding(shapes["image"]),
             "label": layout.array_sharding(shapes["label"], channels=False)}
 
@@ -127,7 +128,7 @@ def _loss_and_grads(model: nn.Module, loss_fn: Callable, augment_fn: Callable | 
     return jax.value_and_grad(compute_loss)(params)
 
 
-def make_grad_fn(model: nn.Module, loss_fn: Callable, augment_fn: Callable | None, layout: mesh_lib.Layout,
+def make_grad_fn(model: nn.Module, loss_fn: Callable, augment_fn: Callable | None, layout: mesh_lib.MeshLayout,
                  params_template, shapes: dict):
     """Jitted `grad_fn(params, batch, key) -> (loss, grads)`: what the train step computes before the optimizer, with
     the same shardings (tests compare it across meshes)."""
@@ -142,7 +143,7 @@ def make_grad_fn(model: nn.Module, loss_fn: Callable, augment_fn: Callable | Non
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, loss_fn: Callable,
-                    augment_fn: Callable | None, schedule: optax.Schedule, layout: mesh_lib.Layout, state_template,
+                    augment_fn: Callable | None, schedule: optax.Schedule, layout: mesh_lib.MeshLayout, state_template,
                     shapes: dict):
     """Returns the jitted `train_step(state, batch, key) -> (state, metrics)` for batches of `shapes`
     (`batch_shapes(...)`). The batch arrives split over `data` (and the spatial mesh axes where they divide); after
@@ -159,24 +160,3 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, loss_fn:
     shardings = state_shardings(state_template, layout)
     return jax.jit(train_step, in_shardings=(shardings, batch_shardings(layout, shapes), layout.replicated()),
                    out_shardings=(shardings, layout.replicated()), donate_argnums=(0,))
-
-
-def make_forward(model: nn.Module, layout: mesh_lib.Layout, window_shape, params_template=None) -> Callable:
-    """`forward(params, windows) -> logits` for host windows of `window_shape` (B, *patch, C), returning host
-    (numpy) logits of the full-resolution output. The jitted function inside splits the windows over `data` and the
-    spatial mesh axes, pins activations as in training and gathers the logits, so every process can call it with the
-    same windows (the validation pass of a multi-process run). `params` should carry `layout.tree_shardings`."""
-
-    def forward(params, images):
-        with mesh_lib.activation_layout(layout):
-            return model.apply({"params": mesh_lib.gather_params(params)}, mesh_lib.constrain(images), train=False)
-
-    window_sharding = layout.array_sharding(window_shape)
-    params_sharding = layout.replicated() if params_template is None else layout.tree_shardings(params_template)
-    jitted = jax.jit(forward, in_shardings=(params_sharding, window_sharding), out_shardings=layout.replicated())
-
-    def run(params, windows):
-        return mesh_lib.to_host(jitted(params, mesh_lib.to_global(windows, window_sharding)))
-
-    run.jitted = jitted
-    return run

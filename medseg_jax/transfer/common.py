@@ -11,7 +11,7 @@ shape that differs from the flax template, so a mismatched checkpoint never half
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 

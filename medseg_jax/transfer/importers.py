@@ -17,8 +17,8 @@ import ml_collections
 import numpy as np
 
 from medseg_jax import fileio, runs
-from medseg_jax.defaults import base_config
 from medseg_jax.errors import MedsegError
+from medseg_jax.experiments.base import get_config as base_config
 
 _NNUNET_NORMALIZATION = {"CTNormalization": "ct", "ZScoreNormalization": "zscore", "NoNormalization": "none",
                          "RescaleTo01Normalization": "rescale01"}

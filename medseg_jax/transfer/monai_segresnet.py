@@ -13,7 +13,8 @@ shape is checked; keys the architecture lacks are reported by name. Torch axes (
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -21,8 +22,15 @@ import numpy as np
 
 from medseg_jax.errors import MedsegError
 from medseg_jax.models.segresnet import SegResNet
-from medseg_jax.transfer.common import (StateDict, check_against_template, conv_kernel, monai_norm, set_path,
-                                        split_args, upsample_kernel)
+from medseg_jax.transfer.common import (
+    StateDict,
+    check_against_template,
+    conv_kernel,
+    monai_norm,
+    set_path,
+    split_args,
+    upsample_kernel,
+)
 
 _MONAI_DEFAULTS: dict[str, Any] = dict(
     spatial_dims=3, init_filters=8, in_channels=1, out_channels=2, dropout_prob=None,

@@ -23,7 +23,8 @@ weight is present wins; keys outside the encoder are ignored):
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -31,8 +32,15 @@ import numpy as np
 
 from medseg_jax.errors import MedsegError
 from medseg_jax.models.swin_unetr import ENCODER_PARAMS, MERGING_MODES, NUM_STAGES, SwinUNETR
-from medseg_jax.transfer.common import (StateDict, check_against_template, conv_kernel, linear_kernel,
-                                        monai_norm_fixed_eps, set_path, upsample_kernel)
+from medseg_jax.transfer.common import (
+    StateDict,
+    check_against_template,
+    conv_kernel,
+    linear_kernel,
+    monai_norm_fixed_eps,
+    set_path,
+    upsample_kernel,
+)
 
 _MONAI_DEFAULTS: dict[str, Any] = dict(
     in_channels=None, out_channels=None, patch_size=2, depths=(2, 2, 2, 2), num_heads=(3, 6, 12, 24), window_size=7,

@@ -20,14 +20,22 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
 from medseg_jax.errors import MedsegError
 from medseg_jax.models.unetr import ENCODER_PARAMS, NUM_LAYERS, UNETR
-from medseg_jax.transfer.common import (StateDict, check_against_template, conv_kernel, linear_kernel,
-                                        monai_norm_fixed_eps, set_path, upsample_kernel)
+from medseg_jax.transfer.common import (
+    StateDict,
+    check_against_template,
+    conv_kernel,
+    linear_kernel,
+    monai_norm_fixed_eps,
+    set_path,
+    upsample_kernel,
+)
 
 _UNUSED_CROSS_ATTENTION = re.compile(r"^vit\.blocks\.\d+\.(norm_cross_attn|cross_attn)\.")
 

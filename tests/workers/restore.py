@@ -11,8 +11,7 @@ import jax
 import numpy as np
 
 from medseg_jax import runs
-from medseg_jax.infer.postprocess import num_outputs
-from medseg_jax.models.registry import build_model
+from medseg_jax.models.registry import build_network
 from medseg_jax.parallel import mesh as mesh_lib
 from medseg_jax.train import step as step_lib
 
@@ -26,9 +25,8 @@ def main(run_dir: str, mesh_text: str) -> None:
         key, value = item.split("=")
         section[key] = value if key == "params" else int(value)
     patch = tuple(config.train.patch_size)
-    layout = mesh_lib.make_layout(section, spatial_dims=len(patch))
-    model = build_model(config.model, num_classes=num_outputs(len(plans["labels"]), None),
-                        in_channels=len(plans["normalization"]), patch_size=patch)
+    layout = mesh_lib.make_mesh_layout(section, spatial_dims=len(patch))
+    model = build_network(config, len(plans["labels"]), len(plans["normalization"]))
     tx = step_lib.make_optimizer(config.train)
     template = step_lib.create_train_state(model, tx, (1, *patch, len(plans["normalization"])), jax.random.key(1),
                                            layout)

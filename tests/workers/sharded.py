@@ -3,6 +3,7 @@ and gradients, one full train step, and sliding-window inference on several mesh
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 
@@ -13,8 +14,9 @@ import numpy as np
 from medseg_jax import augment
 from medseg_jax.augment.pipeline import augment_config
 from medseg_jax.config import apply_overrides
-from medseg_jax.defaults import base_config
 from medseg_jax.errors import MedsegError
+from medseg_jax.experiments.base import get_config as base_config
+from medseg_jax.infer.forward import make_forward
 from medseg_jax.infer.sliding_window import sliding_window_inference
 from medseg_jax.models.registry import build_model, model_config
 from medseg_jax.parallel import mesh as mesh_lib
@@ -86,7 +88,7 @@ def compare_step(name: str, preset: str, mesh: dict, full_step: bool = False) ->
     results = {}
     for which, section in (("single", dict(data=1)), ("sharded", mesh)):
         devices = jax.devices()[:1] if which == "single" else jax.devices()
-        layout = mesh_lib.make_layout(mesh_lib.mesh_config(**section), devices=devices)
+        layout = mesh_lib.make_mesh_layout(mesh_lib.mesh_config(**section), devices=devices)
         mesh_lib.check_patch(layout, PATCH, model)
         state = step_lib.create_train_state(model, tx, (1, *PATCH, 1), jax.random.key(0), layout)
         shardings = step_lib.batch_shardings(layout, shapes)
@@ -124,11 +126,11 @@ def compare_sliding_window(mesh: dict) -> dict:
     outputs = {}
     for label_, section in (("single", dict(data=1)), ("sharded", mesh)):
         devices = jax.devices()[:1] if label_ == "single" else jax.devices()
-        layout = mesh_lib.make_layout(mesh_lib.mesh_config(**section), devices=devices)
+        layout = mesh_lib.make_mesh_layout(mesh_lib.mesh_config(**section), devices=devices)
         params = model.init(jax.random.key(0), jnp.zeros((1, *PATCH, 1)))["params"]
         params = jax.device_put(params, layout.tree_shardings(params))
-        forward = step_lib.make_forward(model, layout, (4, *PATCH, 1), params)
-        outputs[label_] = sliding_window_inference(lambda w: forward(params, w), volume, PATCH, CLASSES,
+        forward = make_forward(model, layout, (4, *PATCH, 1), params)
+        outputs[label_] = sliding_window_inference(functools.partial(forward, params), volume, PATCH, CLASSES,
                                                    overlap=0.5, batch_size=4)
         if label_ == "sharded":  # the windows really were split: halo exchanges in the compiled forward pass
             windows = jax.ShapeDtypeStruct((4, *PATCH, 1), jnp.float32, sharding=layout.array_sharding((4, *PATCH, 1)))
@@ -145,7 +147,7 @@ def patch_errors() -> list[str]:
     model = build_model(config.model, num_classes=CLASSES, in_channels=1, patch_size=(24, 16, 16))
     messages = []
     for section in (dict(data=1, space=8), dict(data=1, space=4), dict(data=2, space=2, space2=2, space2_axis=2)):
-        layout = mesh_lib.make_layout(mesh_lib.mesh_config(**section))
+        layout = mesh_lib.make_mesh_layout(mesh_lib.mesh_config(**section))
         try:
             mesh_lib.check_patch(layout, (24, 16, 16), model)
             messages.append("")

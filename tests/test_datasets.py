@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from medseg_jax.errors import MedsegError
-from medseg_jax.io import layout
+from medseg_jax.io import datasets
 
 
 def _nifti(path: Path, channels: int = 1) -> Path:
@@ -57,7 +57,7 @@ def _nnunet(root: Path, n_train=3, n_test=1, channels=("T2", "ADC")) -> dict:
 
 def _assert_error(root, *fragments):
     with pytest.raises(MedsegError) as excinfo:
-        layout.load_dataset(root)
+        datasets.load_dataset(root)
     message = str(excinfo.value)
     assert "\n" not in message
     for fragment in fragments:
@@ -71,7 +71,7 @@ def test_msd_layout(tmp_path):
     root = tmp_path / "Task01_BrainTumour"
     _msd(root)
     _nifti(root / "labelsTs" / "brain_100.nii.gz")
-    spec = layout.load_dataset(root)
+    spec = datasets.load_dataset(root)
     assert spec.name == "BrainTumour"
     assert spec.root == root
     assert spec.channel_names == {0: "FLAIR", 1: "T1w"}
@@ -92,7 +92,7 @@ def test_msd_without_test_list(tmp_path):
     data = _msd(tmp_path, n_test=0)
     del data["test"]
     _write_json(tmp_path, data)
-    spec = layout.load_dataset(tmp_path)
+    spec = datasets.load_dataset(tmp_path)
     assert spec.test == ()
     assert spec.name == "BrainTumour"
 
@@ -101,14 +101,14 @@ def test_msd_missing_background_is_added(tmp_path):
     data = _msd(tmp_path)
     data["labels"] = {"1": "liver"}
     _write_json(tmp_path, data)
-    assert layout.load_dataset(tmp_path).labels == {0: "background", 1: "liver"}
+    assert datasets.load_dataset(tmp_path).labels == {0: "background", 1: "liver"}
 
 
 def test_labels_need_not_be_consecutive(tmp_path):
     data = _msd(tmp_path)
     data["labels"] = {"0": "background", "1": "liver", "5": "tumour"}
     _write_json(tmp_path, data)
-    assert layout.load_dataset(tmp_path).labels == {0: "background", 1: "liver", 5: "tumour"}
+    assert datasets.load_dataset(tmp_path).labels == {0: "background", 1: "liver", 5: "tumour"}
 
 
 @pytest.mark.parametrize("bad_path", ["../outside.nii.gz", "./imagesTr/../../outside.nii.gz", "/etc/passwd"])
@@ -125,7 +125,7 @@ def test_msd_dotdot_inside_dataset_is_fine(tmp_path):
     data = _msd(tmp_path)
     data["training"][0]["label"] = "./imagesTr/../labelsTr/brain_000.nii.gz"
     _write_json(tmp_path, data)
-    assert layout.load_dataset(tmp_path).training[0].label_path == tmp_path / "labelsTr" / "brain_000.nii.gz"
+    assert datasets.load_dataset(tmp_path).training[0].label_path == tmp_path / "labelsTr" / "brain_000.nii.gz"
 
 
 def test_msd_missing_listed_file(tmp_path):
@@ -170,7 +170,7 @@ def test_msd_malformed_training_entry(tmp_path):
 def test_nnunet_layout(tmp_path):
     root = tmp_path / "Dataset005_Prostate"
     _nnunet(root)
-    spec = layout.load_dataset(root)
+    spec = datasets.load_dataset(root)
     assert spec.name == "Dataset005_Prostate"  # no "name" key: the folder name
     assert spec.channel_names == {0: "T2", 1: "ADC"}
     assert spec.labels == {0: "background", 1: "PZ", 2: "TZ"}
@@ -192,7 +192,7 @@ def test_nnunet_plain_nii_and_test_labels(tmp_path):
     (tmp_path / "imagesTr" / ".DS_Store").write_bytes(b"junk")
     _write_json(tmp_path, {"channel_names": {"0": "CT"}, "labels": {"background": 0, "liver": 1},
                            "file_ending": ".nii", "name": "Liver"})
-    spec = layout.load_dataset(tmp_path)
+    spec = datasets.load_dataset(tmp_path)
     assert spec.file_ending == ".nii" and spec.modality == "ct"
     assert spec.training[0].label_path == tmp_path / "labelsTr" / "liver_1.nii"
     assert spec.test[0].label_path == tmp_path / "labelsTs" / "liver_9.nii"
@@ -322,7 +322,7 @@ def test_duplicate_label_values(tmp_path):
                                            ("US", "us"), ("Ultrasound", "us"), ("PET", "other"),
                                            ("noNorm", "other")])
 def test_modality(name, expected):
-    spec = layout.DatasetSpec(root=Path("."), name="x", channel_names={0: name}, labels={0: "background"},
+    spec = datasets.DatasetSpec(root=Path("."), name="x", channel_names={0: name}, labels={0: "background"},
                               training=(), test=(), file_ending=".nii.gz")
     assert spec.modality == expected
 
@@ -333,19 +333,19 @@ def test_modality(name, expected):
                                            ("liver_003_0001.nii", "liver_003"), ("scan.nii", "scan"),
                                            ("/a/b/ct_12.nii.gz", "ct_12"), ("a_0000", "a")])
 def test_case_id_from_filename(name, expected):
-    assert layout.case_id_from_filename(name) == expected
+    assert datasets.case_id_from_filename(name) == expected
 
 
 def test_list_single_file(tmp_path):
     path = _nifti(tmp_path / "ct_scan_0000.nii.gz")
-    assert layout.list_nifti_inputs(path) == [("ct_scan", (path,))]
+    assert datasets.list_nifti_inputs(path) == [("ct_scan", (path,))]
 
 
 def test_list_single_non_nifti_file(tmp_path):
     path = tmp_path / "scan.mha"
     path.write_bytes(b"x")
     with pytest.raises(MedsegError, match="scan.mha"):
-        layout.list_nifti_inputs(path)
+        datasets.list_nifti_inputs(path)
 
 
 def test_list_folder_groups_channels(tmp_path):
@@ -354,7 +354,7 @@ def test_list_folder_groups_channels(tmp_path):
     (tmp_path / "notes.txt").write_text("x")
     (tmp_path / "sub").mkdir()
     _nifti(tmp_path / "sub" / "c_0000.nii.gz")
-    assert layout.list_nifti_inputs(tmp_path) == [
+    assert datasets.list_nifti_inputs(tmp_path) == [
         ("a", (tmp_path / "a_0000.nii.gz", tmp_path / "a_0001.nii")),
         ("b", (tmp_path / "b_0000.nii.gz", tmp_path / "b_0001.nii.gz")),
     ]
@@ -363,7 +363,7 @@ def test_list_folder_groups_channels(tmp_path):
 def test_list_folder_plain_names(tmp_path):
     for name in ["z.nii.gz", "m.nii", "a_0000.nii.gz"]:
         _nifti(tmp_path / name)
-    assert [case for case, _ in layout.list_nifti_inputs(tmp_path)] == ["a", "m", "z"]
+    assert [case for case, _ in datasets.list_nifti_inputs(tmp_path)] == ["a", "m", "z"]
 
 
 @pytest.mark.parametrize("names,fragment", [
@@ -376,12 +376,12 @@ def test_list_folder_errors(tmp_path, names, fragment):
     for name in names:
         _nifti(tmp_path / name)
     with pytest.raises(MedsegError, match=fragment) as excinfo:
-        layout.list_nifti_inputs(tmp_path)
+        datasets.list_nifti_inputs(tmp_path)
     assert "\n" not in str(excinfo.value)
 
 
 def test_list_empty_or_missing(tmp_path):
     with pytest.raises(MedsegError, match="no .nii"):
-        layout.list_nifti_inputs(tmp_path)
+        datasets.list_nifti_inputs(tmp_path)
     with pytest.raises(MedsegError, match="missing_folder"):
-        layout.list_nifti_inputs(tmp_path / "missing_folder")
+        datasets.list_nifti_inputs(tmp_path / "missing_folder")

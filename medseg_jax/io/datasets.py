@@ -40,7 +40,7 @@ class Problem:
     problem: str
 
     @classmethod
-    def from_error(cls, case: str, error: Exception, default_file: str | os.PathLike = "") -> "Problem":
+    def from_error(cls, case: str, error: Exception, default_file: str | os.PathLike = "") -> Problem:
         """Splits a MedsegError's "<file>: <problem>" message into its parts."""
         text = str(error)
         head, sep, tail = text.partition(": ")

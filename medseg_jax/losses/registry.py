@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import ml_collections
 
@@ -32,8 +33,13 @@ from medseg_jax.errors import MedsegError
 from medseg_jax.losses.boundary import dice_boundary_loss
 from medseg_jax.losses.ce import cross_entropy_loss, dice_ce_loss
 from medseg_jax.losses.cldice import dice_cldice_loss
-from medseg_jax.losses.dice import (GDL_WEIGHT_TYPES, focal_tversky_loss, generalized_dice_loss, soft_dice_loss,
-                                    tversky_loss)
+from medseg_jax.losses.dice import (
+    GDL_WEIGHT_TYPES,
+    focal_tversky_loss,
+    generalized_dice_loss,
+    soft_dice_loss,
+    tversky_loss,
+)
 from medseg_jax.losses.focal import focal_loss
 from medseg_jax.losses.regions import region_loss
 

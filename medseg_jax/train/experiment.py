@@ -1,0 +1,109 @@
+"""One experiment setup: an experiment config, the dataset's sizes and a device mesh -> everything a command needs to
+train, measure or plan.
+
+`build_experiment(config, num_classes, in_channels, layout)` checks the patch against the network and the mesh, then
+builds the network, optimizer, schedule, loss, augmentation, the train state's abstract shapes and shardings, the batch
+shapes and shardings and the jitted train step. Training (`train/loop.py`), `medseg memory` (`train/memory.py`) and the
+planner (`train/planner.py`) all start here, so a run and its memory figures come from the same program. Nothing is
+allocated until `init_state` or the step is called.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_collections
+import optax
+
+from medseg_jax import augment
+from medseg_jax.errors import MedsegError
+from medseg_jax.infer.forward import make_forward
+from medseg_jax.models.registry import build_network, output_channels
+from medseg_jax.parallel import mesh as mesh_lib
+from medseg_jax.train import step as step_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    config: ml_collections.ConfigDict
+    num_classes: int  # labels of the dataset, background included
+    in_channels: int
+    layout: mesh_lib.MeshLayout
+    model: nn.Module
+    optimizer: optax.GradientTransformation
+    schedule: optax.Schedule
+    augment: Any  # augment.Pipeline: runs inside the step; its input_size is what the loader reads
+    batch_shapes: dict[str, tuple[int, ...]]
+    batch_shardings: dict
+    state_template: step_lib.TrainState  # ShapeDtypeStructs with the state's shardings
+    train_step: Callable  # jitted train_step(state, batch, key) -> (state, metrics), state donated
+
+    @property
+    def patch_size(self) -> tuple[int, ...]:
+        return tuple(int(p) for p in self.config.train.patch_size)
+
+    @property
+    def regions(self):
+        return self.config.loss.get("regions")
+
+    @property
+    def num_outputs(self) -> int:
+        return output_channels(self.num_classes, self.regions)
+
+    def init_state(self, key: jax.Array) -> step_lib.TrainState:
+        """Freshly initialised params and optimizer state, created directly with their shardings."""
+        return step_lib.create_train_state(self.model, self.optimizer, (1, *self.patch_size, self.in_channels), key,
+                                           self.layout)
+
+    def abstract_batch(self) -> dict:
+        return {"image": jax.ShapeDtypeStruct(self.batch_shapes["image"], jax.numpy.float32,
+                                              sharding=self.batch_shardings["image"]),
+                "label": jax.ShapeDtypeStruct(self.batch_shapes["label"], jax.numpy.int32,
+                                              sharding=self.batch_shardings["label"])}
+
+    def compile_train_step(self):
+        """The train step compiled ahead of time on abstract shapes (nothing allocated): for memory analysis."""
+        key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=self.layout.replicated())
+        return self.train_step.lower(self.state_template, self.abstract_batch(), key).compile()
+
+    def make_forward(self) -> Callable:
+        """`forward(params, windows) -> logits` for windows of `infer.batch_size` patches (validation)."""
+        window_shape = (int(self.config.infer.batch_size), *self.patch_size, self.in_channels)
+        return make_forward(self.model, self.layout, window_shape, self.state_template.params)
+
+
+def check_patch_size(patch_size: Sequence[int], model) -> None:
+    factors = model.total_downsampling()
+    if len(patch_size) != len(factors):
+        raise MedsegError(f"config key 'train.patch_size': {tuple(patch_size)} needs {len(factors)} axes")
+    for axis, (p, f) in enumerate(zip(patch_size, factors)):
+        if p % f:
+            raise MedsegError(f"config key 'train.patch_size': axis {axis} size {p} does not divide by the model's "
+                              f"total downsampling {f}")
+
+
+def build_experiment(config: ml_collections.ConfigDict, num_classes: int, in_channels: int,
+                     layout: mesh_lib.MeshLayout) -> Experiment:
+    """The experiment `config` for a dataset of `num_classes` labels and `in_channels` channels over `layout`
+    (checks: patch against the network's downsampling, batch over `data`, patch over the spatial mesh axes)."""
+    patch = tuple(int(p) for p in config.train.patch_size)
+    model = build_network(config, num_classes, in_channels)
+    check_patch_size(patch, model)
+    mesh_lib.check_batch_divisible(config.train.batch_size, layout)
+    mesh_lib.check_patch(layout, patch, model)
+    optimizer = step_lib.make_optimizer(config.train)
+    schedule = step_lib.make_schedule(config.train)
+    augment_fn = augment.make_pipeline(config.augment, patch, num_classes)
+    state_template = step_lib.abstract_train_state(model, optimizer, (1, *patch, in_channels), layout)
+    # The loader reads the augmentation's input size: a margin around the patch so rotated corners hold real data.
+    shapes = step_lib.batch_shapes(int(config.train.batch_size), augment_fn.input_size, in_channels)
+    train_step = step_lib.make_train_step(model, optimizer, step_lib.make_loss_fn(config.loss), augment_fn, schedule,
+                                          layout, state_template, shapes)
+    return Experiment(config=config, num_classes=int(num_classes), in_channels=int(in_channels), layout=layout,
+                      model=model, optimizer=optimizer, schedule=schedule, augment=augment_fn, batch_shapes=shapes,
+                      batch_shardings=step_lib.batch_shardings(layout, shapes), state_template=state_template,
+                      train_step=train_step)
