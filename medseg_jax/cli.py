@@ -309,13 +309,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset-json", help="dataset.json naming the labels (default: beside or above --ref)")
     p.add_argument("--overwrite", action="store_true")
 
-    p = sub.add_parser("demo", help="demo-data -> train -> predict -> evaluate on built-in phantoms")
-    p.add_argument("--out", default="runs/demo")
-    p.add_argument("--modality", choices=["ct", "mri", "us"], default="ct")
-    p.add_argument("--cases", type=int, default=20)
-    p.add_argument("--test-cases", type=int, default=5)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--config", help="experiment file (default: the packaged demo experiment)")
+    p = sub.add_parser("demo", help="demo-data -> train -> predict -> evaluate on built-in phantoms; extra "
+                                     "--config.key=value arguments override the experiment")
+    p.add_argument("--out", default="runs/demo", help="output folder (an existing one is moved aside, not overwritten)")
+    p.add_argument("--modality", choices=["ct", "mri", "us"], default="ct",
+                   help="phantoms to train on; each has its own packaged experiment, experiments/demo_<modality>.py")
+    p.add_argument("--cases", type=int, default=20, help="training phantoms")
+    p.add_argument("--test-cases", type=int, default=5, help="test phantoms, predicted and evaluated at the end")
+    p.add_argument("--seed", type=int, default=0, help="seed of the phantoms (training has config.seed)")
+    p.add_argument("--config", help="experiment file (default: the modality's packaged demo experiment)")
 
     p = sub.add_parser("plan", help="choose patch size, network topology and batch size for a memory budget by "
                                      "compiling the train step; writes the run's config")

@@ -10,8 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from tests.conftest import REPO
 
 TINY_EDIT = '''
@@ -45,7 +43,6 @@ def readme_block(heading: str) -> list[str]:
     return [line for line in block.splitlines() if line.strip()]
 
 
-@pytest.mark.slow
 def test_train_on_your_own_dataset_runs_as_written(tmp_path):
     lines = readme_block("## Train on your own dataset")
     assert lines[0] == "source .venv/bin/activate" and lines[1].startswith("DATA=")

@@ -36,6 +36,7 @@ class Experiment:
     model: nn.Module
     optimizer: optax.GradientTransformation
     schedule: optax.Schedule
+    loss_fn: Callable  # loss_fn(outputs, labels) -> scalar, deep supervision included
     augment: Any  # augment.Pipeline: runs inside the step; its input_size is what the loader reads
     batch_shapes: dict[str, tuple[int, ...]]
     batch_shardings: dict
@@ -101,9 +102,10 @@ def build_experiment(config: ml_collections.ConfigDict, num_classes: int, in_cha
     state_template = step_lib.abstract_train_state(model, optimizer, (1, *patch, in_channels), layout)
     # The loader reads the augmentation's input size: a margin around the patch so rotated corners hold real data.
     shapes = step_lib.batch_shapes(int(config.train.batch_size), augment_fn.input_size, in_channels)
-    train_step = step_lib.make_train_step(model, optimizer, step_lib.make_loss_fn(config.loss), augment_fn, schedule,
-                                          layout, state_template, shapes)
+    loss_fn = step_lib.make_loss_fn(config.loss)
+    train_step = step_lib.make_train_step(model, optimizer, loss_fn, augment_fn, schedule, layout, state_template,
+                                          shapes)
     return Experiment(config=config, num_classes=int(num_classes), in_channels=int(in_channels), layout=layout,
-                      model=model, optimizer=optimizer, schedule=schedule, augment=augment_fn, batch_shapes=shapes,
-                      batch_shardings=step_lib.batch_shardings(layout, shapes), state_template=state_template,
-                      train_step=train_step)
+                      model=model, optimizer=optimizer, schedule=schedule, loss_fn=loss_fn, augment=augment_fn,
+                      batch_shapes=shapes, batch_shardings=step_lib.batch_shardings(layout, shapes),
+                      state_template=state_template, train_step=train_step)

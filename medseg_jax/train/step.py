@@ -1,4 +1,5 @@
-"""The pure train and eval steps, jitted once over the device mesh.
+"""The pure train step (and the gradient it takes), jitted once over the device mesh; the forward pass for inference is
+infer/forward.py.
 
 `train_step(state, batch, key) -> (state, metrics)`: `state` holds params, optimizer state and the step counter;
 `batch` is {"image": (N, X, Y, Z, C) float32, "label": (N, X, Y, Z) int32} split over the mesh (parallel/mesh.py:
