@@ -92,7 +92,9 @@ def prepare_data_config(config_path, overrides):
         from medseg_jax.errors import MedsegError
 
         raise MedsegError(f"{unknown[0]}: medseg prepare reads only config keys under data.")
-    return config_lib.apply_overrides(config, overrides).data
+    from medseg_jax.experiments import schema
+
+    return schema.check(config_lib.apply_overrides(config, overrides)).data
 
 
 def cmd_prepare(args, overrides) -> None:
@@ -124,7 +126,8 @@ def cmd_predict(args) -> None:
 
     result = predict(args.run, args.input, args.output, overwrite=args.overwrite, skip_bad=args.skip_bad,
                      checkpoint=args.checkpoint, mesh=parse_mesh_arg(args.mesh) if args.mesh else None)
-    print(f"wrote {len(result['written'])} predictions to {args.output}")
+    skipped = f" ({len(result['skipped'])} already there from this run)" if result["skipped"] else ""
+    print(f"wrote {len(result['written'])} predictions to {args.output}{skipped}")
     for failure in result["failed"]:
         print(f"skipped {failure['case']}: {failure['problem']}", file=sys.stderr)
 
@@ -157,13 +160,14 @@ def cmd_plan(args, overrides) -> None:
     from medseg_jax import fileio, runs
     from medseg_jax.data.training_store import open_training_store
     from medseg_jax.errors import MedsegError
+    from medseg_jax.experiments import schema
     from medseg_jax.train.planner import format_report, plan_experiment
 
     run = runs.RunDir(args.workdir)
     if run.config_path.exists():
         raise MedsegError(f"{run.config_path}: already exists; plan into a new run directory (nothing was "
                           "overwritten)")
-    config = config_lib.load_config(args.config, overrides)
+    config = schema.check(config_lib.load_config(args.config, overrides))
     store = open_training_store(config.data, run.path)
     planned, report = plan_experiment(config, store.plan, num_cases=len(store.case_ids), budget_gb=args.budget_gb,
                                       progress=print)
@@ -201,10 +205,11 @@ def cmd_memory(args, overrides) -> None:
     simulate_devices(needed)  # CPU devices stand in when this machine has fewer accelerators than the mesh
 
     from medseg_jax import config as config_lib
+    from medseg_jax.experiments import schema
     from medseg_jax.parallel import mesh as mesh_lib
     from medseg_jax.train.memory import step_memory
 
-    config = config_lib.load_config(args.config, overrides + _mesh_overrides(args.mesh))
+    config = schema.check(config_lib.load_config(args.config, overrides + _mesh_overrides(args.mesh)))
     devices, simulated = mesh_lib.devices_for_compile(needed)
     num_classes, in_channels = args.classes, args.channels
     if (num_classes is None or in_channels is None) and config.data.get("store"):

@@ -15,6 +15,7 @@ from pathlib import Path
 from medseg_jax import config as config_lib
 from medseg_jax import experiments, fileio, viz
 from medseg_jax.errors import MedsegError
+from medseg_jax.experiments import schema
 from medseg_jax.metrics.report import dice_table
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ def run_demo(out="runs/demo", modality: str = "ct", num_train: int = 20, num_tes
     from medseg_jax.train.loop import train
 
     out = Path(out)
-    config = config_lib.load_config(config_path or demo_config_path(modality), overrides)
+    config = schema.check(config_lib.load_config(config_path or demo_config_path(modality), overrides))
     moved = move_aside(out)
     if moved:
         log.info("moved the previous %s to %s", out, moved)

@@ -8,13 +8,16 @@ input's file name.
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 from pathlib import Path
 
 import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from medseg_jax import runs
+from medseg_jax import fileio, runs
 from medseg_jax.data import preprocess
 from medseg_jax.errors import MedsegError
 from medseg_jax.infer.forward import make_forward
@@ -23,6 +26,8 @@ from medseg_jax.infer.sliding_window import sliding_window_inference
 from medseg_jax.io import datasets, nifti
 from medseg_jax.models.registry import build_network, output_channels
 from medseg_jax.parallel import mesh as mesh_lib
+
+log = logging.getLogger(__name__)
 
 
 def output_name(case_id: str, paths) -> str:
@@ -84,41 +89,103 @@ class Predictor:
         nifti.write_label(output, self.predict_array(image, geometry.spacing), geometry)
 
 
-def check_inputs(inputs) -> list[tuple[str, tuple, str]]:
-    """Reads every input once; returns the problems as (case_id, paths, message)."""
+def check_inputs(inputs, channels: int | None = None) -> list[tuple[str, tuple, str]]:
+    """Reads every input once; returns the problems as (case_id, paths, message): unreadable files, dangling links,
+    and images whose channel count is not the model's."""
     problems = []
     for case_id, paths in inputs:
         try:
-            nifti.read_images(paths)
+            image, _ = nifti.read_images(paths)
+            if channels is not None and image.shape[-1] != channels:
+                raise MedsegError(f"{paths[0]}: {image.shape[-1]} channels, the model was trained on {channels}")
         except MedsegError as exc:
             problems.append((case_id, paths, str(exc)))
     return problems
 
 
+RECORD = ".medseg_predictions.json"  # in the output folder: the outputs this command wrote, and from what
+
+
+def check_output_dir(output_dir: Path, inputs) -> None:
+    """Refuses, before anything is computed, an output folder that is a file, is not writable, or is (or holds) an
+    input: predictions must never replace or mix with the scans."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise MedsegError(f"--output {output_dir}: is a file, not a folder; choose a folder for the predictions")
+    out = Path(os.path.realpath(output_dir))
+    for _, paths in inputs:
+        for path in paths:
+            resolved = Path(os.path.realpath(path))  # (a link loop stays a path here; reading it reports it)
+            if resolved == out or out in resolved.parents:
+                raise MedsegError(f"--output {output_dir}: holds the input {path}; predictions would mix with or "
+                                  "replace the scans: choose an output folder apart from the inputs")
+    existing = next(p for p in (output_dir, *output_dir.absolute().parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise MedsegError(f"--output {output_dir}: cannot write into {existing} (permission denied or read-only)")
+
+
+def _source(run_dir, checkpoint: str, paths) -> dict:
+    return {"run": os.path.realpath(run_dir), "checkpoint": checkpoint,
+            "inputs": [os.path.realpath(p) for p in paths]}
+
+
+def _written_by_us(target: Path, entry: dict | None, source: dict) -> bool:
+    """Whether `target` is this command's complete output for `source`: recorded from the same run, checkpoint and
+    inputs, and still the file written then (same size and time; a record without them is an output renamed into
+    place just before a kill)."""
+    if entry is None or not target.is_file() or {k: entry.get(k) for k in source} != source:
+        return False
+    stat = target.stat()
+    return "size" not in entry or (entry["size"], entry["mtime_ns"]) == (stat.st_size, stat.st_mtime_ns)
+
+
 def predict(run_dir, input_path, output_dir, *, overwrite: bool = False, skip_bad: bool = False,
             checkpoint: str = "best", mesh: dict | None = None) -> dict:
-    """Predicts every scan under `input_path` into `output_dir`. Returns {"written": [...], "failed": [...]}.
+    """Predicts every scan under `input_path` into `output_dir`. Returns {"written": [...], "skipped": [...],
+    "failed": [...]}.
 
-    Before writing anything: all inputs are read and checked, and existing outputs are refused unless `overwrite`.
-    With `skip_bad`, bad inputs are reported and the good ones predicted.
+    Before anything is computed: the output folder is checked (not an input, writable), all inputs are read and
+    checked, and existing outputs are refused unless `overwrite` — except those this command already wrote from the
+    same run, checkpoint and inputs (recorded in the output folder): a re-run after an interruption skips them and
+    predicts the rest. With `skip_bad`, bad inputs are reported and the good ones predicted.
     """
     inputs = datasets.list_nifti_inputs(input_path)
     output_dir = Path(output_dir)
+    check_output_dir(output_dir, inputs)
     targets = {case_id: output_dir / output_name(case_id, paths) for case_id, paths in inputs}
-    existing = [str(p) for p in targets.values() if p.exists()]
+    record_path = output_dir / RECORD
+    try:
+        record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    except (OSError, ValueError):
+        record = {}
+    done = {case_id for case_id, paths in inputs if not overwrite and _written_by_us(
+        targets[case_id], record.get(targets[case_id].name), _source(run_dir, checkpoint, paths))}
+    existing = [str(p) for c, p in targets.items() if p.exists() and c not in done]
     if existing and not overwrite:
         raise MedsegError(f"{existing[0]}: already exists ({len(existing)} outputs would be overwritten); "
                           "pass --overwrite or choose another --output")
     predictor = Predictor(run_dir, checkpoint, mesh)
-    problems = check_inputs(inputs)
+    todo = [(case_id, paths) for case_id, paths in inputs if case_id not in done]
+    problems = check_inputs(todo, channels=len(predictor.plans["normalization"]))
     if problems and not skip_bad:
         more = f" (and {len(problems) - 1} more bad inputs)" if len(problems) > 1 else ""
         raise MedsegError(f"{problems[0][2]}{more}; nothing written; pass --skip-bad to predict the good inputs")
+    if done:
+        log.info("%d of %d outputs already predicted from this run: skipped (--overwrite predicts them again)",
+                 len(done), len(inputs))
     bad = {case_id for case_id, _, _ in problems}
     written = []
-    for case_id, paths in tqdm(inputs, desc="predicting", unit="case"):
+    for case_id, paths in tqdm(todo, desc="predicting", unit="case"):
         if case_id in bad:
             continue
+        fileio.remove_temporaries(targets[case_id])  # what a killed earlier run left half-written
+        # Recorded before the output is renamed into place: after a kill at any moment, an output that exists is
+        # complete and recorded, so the re-run skips it.
+        record[targets[case_id].name] = _source(run_dir, checkpoint, paths)
+        fileio.write_json(record_path, record)
         predictor.predict_file(paths, targets[case_id])
+        stat = targets[case_id].stat()
+        record[targets[case_id].name].update(size=stat.st_size, mtime_ns=stat.st_mtime_ns)
+        fileio.write_json(record_path, record)
         written.append(str(targets[case_id]))
-    return {"written": written, "failed": [{"case": c, "problem": m} for c, _, m in problems]}
+    return {"written": written, "skipped": sorted(str(targets[c]) for c in done),
+            "failed": [{"case": c, "problem": m} for c, _, m in problems]}

@@ -44,7 +44,9 @@ class RunDir:
     validation_dir = property(lambda self: self.path / "validation")
 
     def has_checkpoint(self) -> bool:
-        return any(self.latest_dir.glob("[0-9]*")) if self.latest_dir.is_dir() else False
+        """Whether a checkpoint was completed: orbax writes a step into `<step>.orbax-checkpoint-tmp...` and renames
+        it to `<step>` when done, so a folder a kill interrupted does not count."""
+        return self.latest_dir.is_dir() and any(p.name.isdigit() for p in self.latest_dir.iterdir())
 
     # --- config and plan -------------------------------------------------------------------------------------------
     def save_config(self, config: ml_collections.ConfigDict) -> None:
@@ -68,12 +70,15 @@ class RunDir:
             raise MedsegError(f"{path}: not valid JSON ({exc})") from None
 
     # --- checkpoints -------------------------------------------------------------------------------------------------
-    def checkpoint_managers(self) -> tuple[ocp.CheckpointManager, ocp.CheckpointManager]:
+    def checkpoint_managers(self, writer: bool = False) -> tuple[ocp.CheckpointManager, ocp.CheckpointManager]:
+        """(latest, best). The `writer` (training, which holds the run's lock) also removes the temporary folders of
+        a save that a kill interrupted; readers leave them, since they may belong to a save in progress."""
         latest = ocp.CheckpointManager(self.latest_dir.absolute(), options=ocp.CheckpointManagerOptions(
-            max_to_keep=1, create=True, enable_async_checkpointing=False))
+            max_to_keep=1, create=True, enable_async_checkpointing=False, cleanup_tmp_directories=writer))
         best = ocp.CheckpointManager(self.best_dir.absolute(), options=ocp.CheckpointManagerOptions(
             max_to_keep=1, create=True, best_fn=lambda metrics: metrics["val_dice"], best_mode="max",
-            keep_checkpoints_without_metrics=False, enable_async_checkpointing=False))
+            keep_checkpoints_without_metrics=False, enable_async_checkpointing=False,
+            cleanup_tmp_directories=writer))
         return latest, best
 
     def read_metrics(self) -> list[dict]:

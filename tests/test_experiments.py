@@ -10,7 +10,9 @@ from medseg_jax.errors import MedsegError
 from medseg_jax.experiments import base
 from tests.conftest import REPO
 
-EXPERIMENTS = sorted(p.stem for p in (REPO / "experiments").glob("*.py") if p.stem not in ("__init__", "base"))
+# every experiment file: the package's own modules (its __init__, the base and the schema) are not experiments
+PACKAGE_MODULES = ("__init__", "base", "schema")
+EXPERIMENTS = sorted(p.stem for p in (REPO / "experiments").glob("*.py") if p.stem not in PACKAGE_MODULES)
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:

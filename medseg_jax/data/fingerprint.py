@@ -184,6 +184,25 @@ def _schemes(data_config, channel_names: dict) -> list[str]:
     return schemes
 
 
+def check_resampled_size(resampled_shapes: np.ndarray, case_ids, channels: int, target) -> None:
+    """Refuses a target spacing whose largest resampled case cannot be held in this machine's free memory (its image
+    as float32, resampled from a float32 copy; a worker holds one case at a time)."""
+    if not len(resampled_shapes):
+        return
+    import psutil
+
+    voxels = np.prod(resampled_shapes, axis=1)
+    largest = int(np.argmax(voxels))
+    needed = float(voxels[largest]) * max(channels, 1) * 4 * 2
+    available = psutil.virtual_memory().available
+    if needed > available:
+        shape = "x".join(str(int(v)) for v in resampled_shapes[largest])
+        case = case_ids[largest] if largest < len(case_ids) else f"case {largest}"
+        raise MedsegError(f"config key 'data.target_spacing': {tuple(target)} mm resamples {case} to {shape} voxels, "
+                          f"about {needed / 1024 ** 3:,.1f} GiB to prepare, more than the "
+                          f"{available / 1024 ** 3:,.1f} GiB of memory available; choose a coarser spacing")
+
+
 def make_plan(fingerprint: dict, labels: dict, channel_names: dict, modality: str, data_config) -> dict:
     """The preprocessing plan (saved as plans.json in the store and in every run trained on it)."""
     if data_config.target_spacing:
@@ -215,6 +234,7 @@ def make_plan(fingerprint: dict, labels: dict, channel_names: dict, modality: st
     shapes = np.asarray(fingerprint["shapes_after_crop"], np.float64)
     spacings = np.asarray(fingerprint["spacings"], np.float64)
     resampled = np.round(shapes * spacings / np.asarray(target)) if len(shapes) else np.zeros((0, 3))
+    check_resampled_size(resampled, fingerprint.get("case_ids", []), len(channel_names), target)
     return {
         "target_spacing": target,
         "modality": modality,

@@ -68,10 +68,15 @@ def _relative(path: Path, root: Path) -> str:
         return str(path)
 
 
-def validate_case(case: datasets.Case, declared: Sequence[int]) -> tuple[str, dict | None, Problem | None]:
-    """Reads and checks one case; returns its fingerprint or its problem."""
+def validate_case(case: datasets.Case, declared: Sequence[int],
+                  channels: int | None = None) -> tuple[str, dict | None, Problem | None]:
+    """Reads and checks one case (including its channel count against dataset.json's); returns its fingerprint or its
+    problem."""
     try:
         loaded = load_case(case, declared)
+        if channels is not None and loaded.image.shape[-1] != channels:
+            raise MedsegError(f"{case.image_paths[0]}: {loaded.image.shape[-1]} channels, dataset.json declares "
+                              f"{channels}")
         record = fp.case_fingerprint(case.case_id, loaded.image, loaded.label, loaded.geometry.spacing)
     except MedsegError as error:
         return case.case_id, None, Problem.from_error(case.case_id, error, case.image_paths[0])
@@ -184,12 +189,17 @@ def _check_out(out: Path) -> bool:
 
 
 def prepare(source, out, data_config=None, *, skip_bad: bool = False, workers: int = 1) -> dict:
-    """Prepares the dataset folder `source` into the store `out`; returns a summary dict."""
+    """Prepares the dataset folder `source` into the store `out`; returns a summary dict. One process at a time
+    prepares a store (`fileio.exclusive`); a second gets one line naming the first."""
     data_config = data_config or fp.default_data_config()
     if workers < 1:
         raise MedsegError(f"--workers {workers}: must be at least 1")
     out = Path(out)
-    source = Path(source)
+    with fileio.exclusive(out, "being prepared"):
+        return _prepare(Path(source), out, data_config, skip_bad, workers)
+
+
+def _prepare(source: Path, out: Path, data_config, skip_bad: bool, workers: int) -> dict:
     existing = _check_out(out)
     problems: list[Problem] = []
     spec = datasets.load_dataset(source, problems=problems)
@@ -217,7 +227,8 @@ def prepare(source, out, data_config=None, *, skip_bad: bool = False, workers: i
         if done < len(cases):
             log.info("resuming %s: %d of %d cases already prepared", out, done, len(cases))
     else:
-        results = list(_run(validate_case, spec.training, workers, "validating", (declared,)))
+        results = list(_run(validate_case, spec.training, workers, "validating",
+                            (declared, len(spec.channel_names))))
         records = {case_id: record for case_id, record, _ in results if record is not None}
         problems += [problem for _, _, problem in results if problem is not None]
         problems.sort(key=lambda p: (p.case, p.file))

@@ -53,6 +53,10 @@ def get_config(model: str = "plain_unet") -> ml_collections.ConfigDict:
     config.train.val_every = 5000
     config.train.checkpoint_every = 1000
     config.train.init_from = ""  # a run directory (trained or imported) whose matching params start fine-tuning
+    # A step with a non-finite loss, gradient or params is never applied (train/divergence.py); then "stop" ends
+    # training with an error naming the step, "skip" goes on unless more than max_nonfinite_steps come in a row.
+    config.train.nonfinite = "stop"  # stop | skip
+    config.train.max_nonfinite_steps = 10
 
     # Sliding-window inference (validation during training and `medseg predict`).
     config.infer = ml_collections.ConfigDict()

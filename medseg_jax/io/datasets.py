@@ -119,7 +119,8 @@ def list_nifti_inputs(path: str | os.PathLike) -> list[tuple[str, tuple[Path, ..
     groups: dict[str, dict[int, Path]] = defaultdict(dict)
     for file in sorted(path.iterdir()):
         stem = _strip_nifti_ending(file.name)
-        if stem is None or file.name.startswith(".") or not file.is_file():
+        dangling = file.is_symlink() and not file.exists()  # listed, so that reading it reports it
+        if stem is None or file.name.startswith(".") or not (file.is_file() or dangling):
             continue
         match = _CHANNEL_SUFFIX.match(stem)
         case_id, channel = (match["case"], int(match["channel"])) if match else (stem, -1)

@@ -11,6 +11,7 @@ Arrays are channels-last: images `(X, Y, Z, C)`, labels `(X, Y, Z)`, both in can
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -44,6 +45,8 @@ def _spatial_header_fields(header) -> dict[str, Any] | None:
 
 
 def _check_readable_path(path: Path) -> None:
+    if path.is_symlink() and not path.exists():
+        raise MedsegError(f"{path}: a symbolic link that does not resolve (to {os.readlink(path)})")
     if not path.exists():
         raise MedsegError(f"{path}: file not found")
     if path.is_dir():
@@ -69,6 +72,45 @@ def _check_raw_pixdims(path: Path, img) -> None:
         raise MedsegError(f"{path}: voxel spacing (pixdim) {tuple(pixdims)} must be positive; fix the header")
 
 
+# gzip (deflate) cannot compress better than about 1032:1, so a .nii.gz holding N voxel bytes is at least N / 1032 long.
+_MAX_DEFLATE_RATIO = 1032
+
+
+def _check_plausible_size(path: Path, img) -> None:
+    """Refuses, from the header alone and before any voxel is read, a volume with a zero-size axis, one larger than
+    the file can hold, or one larger than the memory this machine has free."""
+    shape = tuple(int(s) for s in img.shape)
+    if any(s == 0 for s in shape):
+        raise MedsegError(f"{path}: the header declares a zero-size axis (shape {shape}); the file holds no image")
+    voxel_bytes = math.prod(shape) * np.dtype(img.get_data_dtype()).itemsize
+    file_bytes = path.stat().st_size
+    compressed = path.name.endswith(".gz")
+    offset = 0 if compressed else int(getattr(img.header, "get_data_offset", lambda: 0)() or 0)
+    if (voxel_bytes > file_bytes * _MAX_DEFLATE_RATIO) if compressed else (offset + voxel_bytes > file_bytes):
+        raise MedsegError(f"{path}: the header declares {'x'.join(map(str, shape))} voxels "
+                          f"({_size(voxel_bytes)} of data) but the file is {_size(file_bytes)}; it is truncated or "
+                          "its header is wrong")
+    needed = 2 * math.prod(shape) * 4  # read as float32, plus the canonical copy
+    available = _available_memory()
+    if needed > available:
+        raise MedsegError(f"{path}: {'x'.join(map(str, shape))} voxels need about {_size(needed)} of memory to "
+                          f"read, more than the {_size(available)} available")
+
+
+def _available_memory() -> int:
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def _size(num_bytes: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if num_bytes < 1024 or unit == "TiB":
+            return f"{num_bytes:.0f} {unit}" if unit == "bytes" else f"{num_bytes:.1f} {unit}"
+        num_bytes /= 1024
+    return f"{num_bytes:.1f} TiB"
+
+
 def _load(path: str | os.PathLike) -> tuple[np.ndarray, Geometry]:
     """Reads the whole file (nibabel is lazy, so the data read happens here too) in the file's voxel order."""
     path = Path(path)
@@ -77,6 +119,7 @@ def _load(path: str | os.PathLike) -> tuple[np.ndarray, Geometry]:
         img = nib.load(path, mmap=False)
         if not isinstance(img, nib.spatialimages.SpatialImage):
             raise MedsegError(f"{path}: not a volume image ({type(img).__name__})")
+        _check_plausible_size(path, img)
         data = np.asanyarray(img.dataobj)
         affine = img.affine
     except MedsegError:

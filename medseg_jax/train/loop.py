@@ -11,6 +11,7 @@ manifest) into RUN/validation/.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -25,8 +26,10 @@ from medseg_jax.data import loader
 from medseg_jax.data.splits import split_cases
 from medseg_jax.data.training_store import open_training_store
 from medseg_jax.errors import MedsegError
+from medseg_jax.experiments import schema
 from medseg_jax.metrics.overlap import nanmean
 from medseg_jax.parallel import mesh as mesh_lib
+from medseg_jax.train.divergence import DivergenceGuard
 from medseg_jax.train.experiment import build_experiment
 from medseg_jax.train.metrics_log import MetricsLog
 from medseg_jax.train.validation import evaluate_cases, export_validation, load_val_cases
@@ -34,12 +37,23 @@ from medseg_jax.train.validation import evaluate_cases, export_validation, load_
 log = logging.getLogger(__name__)
 
 
-def check_run_dir(run: runs.RunDir, resume: bool) -> None:
+def check_run_dir(run: runs.RunDir, resume: bool) -> bool:
+    """Whether training continues from a checkpoint. `--resume` of a run stopped before its first checkpoint (it has
+    its config.json) starts it again from step 0; a fresh start refuses a run directory that holds a run."""
     if resume and not run.has_checkpoint():
-        raise MedsegError(f"{run.path}: --resume given but there is no checkpoint to resume from")
+        if not run.config_path.is_file():
+            raise MedsegError(f"{run.path}: --resume given but this is not a run directory (no config.json, no "
+                              "checkpoint); start a run there with --config")
+        log.info("%s has no checkpoint yet (stopped before the first one): starting it again from step 0", run.path)
+        return False
     planned = ("store", "config.json", "model_plan.json")  # what `medseg plan` leaves for training to start from
-    if not resume and run.path.exists() and any(p.name not in planned for p in run.path.iterdir()):
-        raise MedsegError(f"{run.path}: work directory is not empty; pass --resume to continue it or choose another")
+    # (hidden names are our temporaries and locks, e.g. those of a store preparation killed before training began)
+    if not resume and run.path.exists() and any(p.name not in planned and not p.name.startswith(".")
+                                                for p in run.path.iterdir()):
+        advice = ("pass --resume to continue it" if run.has_checkpoint() else
+                  "it stopped before its first checkpoint: pass --resume to start it again from step 0")
+        raise MedsegError(f"{run.path}: work directory is not empty; {advice}, or choose another --workdir")
+    return resume
     if jax.process_count() > 1:  # every process has looked at the directory before any writes to it
         from jax.experimental import multihost_utils
 
@@ -52,8 +66,16 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, resume: bool =
 
     `stop_at_step` stops early after saving a checkpoint, as an interruption would (tests use it for resume).
     """
+    schema.check(config)
     run = runs.RunDir(workdir)
-    check_run_dir(run, resume)
+    # One writer per run directory (process 0 of a multi-host run holds the lock for all of them).
+    lock = fileio.exclusive(run.path, "being trained") if jax.process_index() == 0 else contextlib.nullcontext()
+    with lock:
+        return _train(config, run, resume, stop_at_step)
+
+
+def _train(config: ml_collections.ConfigDict, run: runs.RunDir, resume: bool, stop_at_step: int | None) -> dict:
+    resume = check_run_dir(run, resume)
     started = time.time()
     layout = mesh_lib.make_mesh_layout(config.get("mesh"), spatial_dims=len(config.train.patch_size))
     # checked before any data is touched
@@ -78,8 +100,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, resume: bool =
     if jax.process_count() > 1:
         log.info("process %d of %d: %d local devices, reads batch rows %s", jax.process_index(), jax.process_count(),
                  jax.local_device_count(), rows)
+    # The config first: a run directory that holds anything holds its config.json (a kill from here on leaves a run
+    # that `--resume` continues or starts again).
+    run.path.mkdir(parents=True, exist_ok=True)
+    if not resume and jax.process_index() == 0:  # (again, for a run started over)
+        run.save_config(config)
+        run.save_plans(plan)
     start_step = 0
-    latest, best = run.checkpoint_managers()
+    latest, best = run.checkpoint_managers(writer=True)
     data_restorable = False
     if resume:
         start_step = latest.latest_step()
@@ -91,10 +119,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, resume: bool =
                                   start_step=0 if data_restorable else start_step)
     data_iterator = iter(dataset)
 
-    run.path.mkdir(parents=True, exist_ok=True)
-    if not resume and jax.process_index() == 0:
-        run.save_config(config)
-        run.save_plans(plan)
     if resume:
         state = runs.restore_into(latest, start_step, state, data_iterator if data_restorable else None)
         if jax.process_index() == 0:
@@ -112,7 +136,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, resume: bool =
 
     end_step = total_steps if stop_at_step is None else min(stop_at_step, total_steps)
     best_dice = max([r["val_dice"] for r in run.read_metrics() if r.get("kind") == "val"] or [float("nan")])
-    pending: list[dict] = []
+    pending: list[tuple[int, dict]] = []  # (step, device metrics) not yet read
+    window: list[dict] = []  # host metrics of the finite steps since the last log record
+    guard = DivergenceGuard(config.train.get("nonfinite", "stop"), config.train.get("max_nonfinite_steps", 10))
     last_loss = float("nan")
     train_seconds = 0.0
     original_dice: dict = {}
@@ -125,17 +151,26 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, resume: bool =
     step_started = time.time()
     for step in progress:
         state, metrics = train_step(state, next(batches), jax.random.fold_in(step_key, step))
-        pending.append(metrics)
         done = step + 1
-        if done % config.train.log_every == 0 or done == end_step:
-            values = [{k: float(mesh_lib.to_host(v)) for k, v in m.items()} for m in pending]
-            record = {"kind": "train", "step": done,
-                      **{k: float(np.mean([v[k] for v in values])) for k in values[0]}}
+        pending.append((done, metrics))
+        log_now = done % config.train.log_every == 0 or done == end_step
+        validate_now = bool(val_cases) and (done % config.train.val_every == 0 or done == total_steps)
+        save_now = done % config.train.checkpoint_every == 0 or done == end_step
+        if log_now or validate_now or save_now:  # read the steps' metrics before anything is logged or saved
+            values = [(s, {k: float(mesh_lib.to_host(v)) for k, v in m.items()}) for s, m in pending]
             pending = []
+            guard.check(values, latest.latest_step(), run.path)
+            window += [v for _, v in values if v["finite"]]
+        if log_now and window:
+            record = {"kind": "train", "step": done,
+                      **{k: float(np.mean([v[k] for v in window])) for k in window[0] if k != "finite"}}
+            if guard.skipped:
+                record["skipped_steps"] = guard.skipped
+            window = []
             last_loss = record["loss"]
             progress.set_postfix(loss=f"{last_loss:.4f}", best_val=f"{best_dice:.3f}")
             metrics_log.write(record)
-        if val_cases and (done % config.train.val_every == 0 or done == total_steps):
+        if validate_now:
             train_seconds += time.time() - step_started
             final = done == total_steps and jax.process_index() == 0
             result = evaluate_cases(forward, state.params, val_cases, config, num_classes,
@@ -145,7 +180,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, resume: bool =
             runs.save_checkpoint(best, done, state.to_dict(), metrics={"val_dice": result["val_dice"]})
             progress.set_postfix(loss=f"{last_loss:.4f}", best_val=f"{best_dice:.3f}")
             step_started = time.time()
-        if done % config.train.checkpoint_every == 0 or done == end_step:
+        if save_now:
             runs.save_checkpoint(latest, done, state.to_dict(), data_iterator, force=True)
     train_seconds += time.time() - step_started
     progress.close()
@@ -159,7 +194,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, resume: bool =
                "train_seconds": round(train_seconds, 1), "wall_seconds": round(time.time() - started, 1),
                "device": mesh_lib.describe_devices(), "mesh": layout.describe(),
                "processes": jax.process_count(), "best_val_dice": None if np.isnan(best_dice) else best_dice,
-               "best_step": best.best_step(), "store": str(store.root)}
+               "best_step": best.best_step(), "store": str(store.root), "skipped_steps": guard.skipped}
     if original_dice:
         per_class = {str(c): nanmean([d.get(c, float("nan")) for d in original_dice.values()])
                      for c in range(1, num_classes)}

@@ -143,6 +143,16 @@ def make_grad_fn(model: nn.Module, loss_fn: Callable, augment_fn: Callable | Non
                    out_shardings=(layout.replicated(), params_sharding))
 
 
+def all_finite(tree) -> jax.Array:
+    """True when every element of every array in `tree` is finite."""
+    return jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]).all()
+
+
+def keep_unless(ok: jax.Array, new, old):
+    """`new` where `ok`, else `old`, leaf by leaf (an exact select: a finite step's values pass unchanged)."""
+    return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, loss_fn: Callable,
                     augment_fn: Callable | None, schedule: optax.Schedule, layout: mesh_lib.MeshLayout, state_template,
                     shapes: dict):
@@ -153,9 +163,16 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, loss_fn:
     def train_step(state: TrainState, batch: dict, key: jax.Array):
         with mesh_lib.activation_layout(layout):
             loss, grads = _loss_and_grads(model, loss_fn, augment_fn, state.params, batch, key)
+            grad_norm = optax.tree.norm(grads)
             updates, opt_state = tx.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
-            metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "learning_rate": schedule(state.step)}
+            # Divergence guard: a step whose loss, gradient norm or new params are not finite changes nothing (params
+            # and optimizer state stay as they were), so no state ever holds NaN or inf; the loop reads `finite` and
+            # stops or counts the skipped steps (config.train.nonfinite, train/divergence.py).
+            finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(params)
+            params = keep_unless(finite, params, state.params)
+            opt_state = keep_unless(finite, opt_state, state.opt_state)
+            metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": schedule(state.step), "finite": finite}
             return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     shardings = state_shardings(state_template, layout)
