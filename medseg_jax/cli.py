@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
+from pathlib import Path
 
 
 def _overrides(unknown: list[str], parser: argparse.ArgumentParser) -> list[str]:
@@ -226,6 +228,48 @@ def cmd_memory(args, overrides) -> None:
               "the target accelerators for exact figures", file=sys.stderr)
 
 
+def cmd_sweep(args, overrides) -> None:
+    from medseg_jax.sweep import results as results_lib
+    from medseg_jax.sweep.runner import run_sweep
+
+    if args.dataset:
+        overrides = [f"--config.data.dataset={args.dataset}"] + list(overrides)
+    slurm = {key: value for key, value in (("slurm_partition", args.partition), ("gpus_per_node", args.gpus),
+                                           ("timeout_min", args.time), ("slurm_account", args.account))
+             if value is not None}
+    from medseg_jax.errors import MedsegError
+
+    try:
+        manifest = run_sweep(args.sweep, args.workdir, folds=args.folds, executor=args.executor,
+                             max_parallel=args.max_parallel, overrides=overrides, slurm=slurm)
+    except MedsegError:
+        # some runs failed (or the sweep was refused): the table of what did finish is still worth writing
+        if (Path(args.workdir) / "sweep.json").is_file():
+            with contextlib.suppress(MedsegError):
+                results_lib.results(args.workdir)
+        raise
+    content = results_lib.results(args.workdir)
+    print(results_lib.markdown_table(content["trials"], content["baseline"]), end="")
+    print(f"swept {len(manifest['trials'])} trials x {len(manifest['folds'])} folds in {args.workdir}; table and "
+          f"per-case scores in {args.workdir}/results/")
+
+
+def cmd_results(args) -> None:
+    from medseg_jax.sweep import results as results_lib
+
+    content = results_lib.results(args.workdir, args.out, tolerance_mm=args.tolerance, workers=args.workers)
+    print(results_lib.markdown_table(content["trials"], content["baseline"]), end="")
+    print(f"wrote results.md, results.csv, results.json, per_case.csv and results.png to "
+          f"{args.out or args.workdir + '/results'}")
+    if args.find_best:
+        from medseg_jax.sweep import best
+
+        plan = best.find_best(args.workdir, max_members=args.max_ensemble)
+        print(best.describe(plan), end="")
+        print(f"best: {' + '.join(plan['members'])}; inference plan {args.workdir}/{best.PLAN_NAME} (use it as "
+              f"`medseg predict --run {args.workdir}/{best.PLAN_NAME} --input ... --output ...`)")
+
+
 def cmd_import(args, overrides) -> None:
     from medseg_jax.errors import MedsegError
     from medseg_jax.transfer import importers
@@ -293,7 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", help="also write the validation report (TSV) here when validation fails")
 
     p = sub.add_parser("predict", help="segment scans with a trained run")
-    p.add_argument("--run", required=True, help="run directory made by `medseg train`")
+    p.add_argument("--run", required=True, help="run directory made by `medseg train`, or an inference plan "
+                                                 "(SWEEP/inference_plan.json from `medseg results --find-best`)")
     p.add_argument("--input", required=True, help="a NIfTI file or a folder of them")
     p.add_argument("--output", required=True, help="folder for the predicted label maps (same file names)")
     p.add_argument("--checkpoint", choices=["best", "latest"], default="best")
@@ -337,6 +382,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mesh", default="data=1", help="devices per mesh axis, e.g. data=2,space=4 (default data=1)")
     p.add_argument("--classes", type=int, help="output classes incl. background (default: data.store's, else 2)")
     p.add_argument("--channels", type=int, help="input channels (default: data.store's, else 1)")
+
+    p = sub.add_parser("sweep", help="run every trial x fold of a sweep file (cross-validation, ablations), then "
+                                      "write its results table; re-running the same command continues it; extra "
+                                      "--config.key=value arguments override every trial")
+    p.add_argument("sweep", help="sweep file with get_sweep(), or the name of one in experiments/sweeps/")
+    p.add_argument("--workdir", required=True, help="sweep folder (manifest, splits, run directories, logs)")
+    p.add_argument("--folds", help="folds to run, e.g. 0,1,2,3,4 (default: the sweep file's)")
+    p.add_argument("--dataset", help="dataset folder; shorthand for --config.data.dataset=DIR")
+    p.add_argument("--executor", choices=["local", "slurm", "submitit-local"], default="local",
+                   help="local: subprocesses here; slurm: a submitit job array; submitit-local: the slurm code path "
+                        "run here by submitit")
+    p.add_argument("--max-parallel", type=int, default=1,
+                   help="runs at once (local: GPUs split between them; slurm: the array's parallelism)")
+    p.add_argument("--partition", help="slurm: partition (default: the sweep file's slurm settings)")
+    p.add_argument("--gpus", type=int, help="slurm: GPUs per job")
+    p.add_argument("--time", type=int, help="slurm: time limit per job in minutes")
+    p.add_argument("--account", help="slurm: account to charge")
+
+    p = sub.add_parser("results", help="a sweep's cross-validation table: Dice, HD95, NSD from out-of-fold "
+                                        "predictions, paired comparisons with the baseline trial, PNG")
+    p.add_argument("workdir", help="sweep folder (made by `medseg sweep`)")
+    p.add_argument("--out", help="folder for the tables (default: WORKDIR/results)")
+    p.add_argument("--tolerance", type=float, default=1.0, help="NSD tolerance in mm (default 1)")
+    p.add_argument("--workers", type=int, default=1, help="cases scored in parallel processes")
+    p.add_argument("--find-best", action="store_true",
+                   help="also choose the best trial or ensemble of trials and the postprocessing that raises the CV "
+                        "Dice (nnU-Net's find_best_configuration); writes WORKDIR/inference_plan.json")
+    p.add_argument("--max-ensemble", type=int, default=2, help="most trials in an ensemble (default 2)")
 
     p = sub.add_parser("import", help="turn PyTorch-trained weights (nnU-Net v2, MONAI) into a run directory")
     source = p.add_subparsers(dest="source", required=True)
@@ -384,14 +457,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     try:
-        if args.command in ("train", "demo", "prepare", "import", "plan", "memory"):
+        if args.command in ("train", "demo", "prepare", "import", "plan", "memory", "sweep"):
             handler = {"train": cmd_train, "demo": cmd_demo, "prepare": cmd_prepare, "import": cmd_import,
-                       "plan": cmd_plan, "memory": cmd_memory}[args.command]
+                       "plan": cmd_plan, "memory": cmd_memory, "sweep": cmd_sweep}[args.command]
             handler(args, _overrides(unknown, parser))
         else:
             if unknown:
                 parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-            {"demo-data": cmd_demo_data, "predict": cmd_predict, "evaluate": cmd_evaluate}[args.command](args)
+            {"demo-data": cmd_demo_data, "predict": cmd_predict, "evaluate": cmd_evaluate,
+             "results": cmd_results}[args.command](args)
     except MedsegError as exc:
         print(f"medseg {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -85,6 +85,27 @@ def _evaluate_one(task) -> tuple[list[dict], str | None]:
     return rows, None
 
 
+def score_files(tasks: list[tuple], workers: int = 1) -> list[dict]:
+    """Scores (prediction name, prediction file, reference file, label names, classes, NSD tolerance mm, surface
+    convention) tasks, in `workers` processes; raises MedsegError naming the first unreadable or mismatched file."""
+    rows, problems = [], []
+    if workers > 1:
+        import concurrent.futures
+        import multiprocessing
+
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            results = list(tqdm(pool.map(_evaluate_one, tasks), total=len(tasks), desc="evaluating", unit="case"))
+    else:
+        results = [_evaluate_one(t) for t in tqdm(tasks, desc="evaluating", unit="case")]
+    for case_rows, problem in results:
+        rows.extend(case_rows)
+        if problem:
+            problems.append(problem)
+    if problems:
+        raise MedsegError(problems[0] + (f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""))
+    return rows
+
+
 def evaluate(pred_dirs, ref_dir, out_dir, *, dataset_json=None, overwrite: bool = False, tolerance_mm: float = 1.0,
              surface: str = "surfel", workers: int = 1) -> dict:
     """Scores every prediction folder in `pred_dirs` (a path or a list) against `ref_dir`; writes the reports into
@@ -117,21 +138,7 @@ def evaluate(pred_dirs, ref_dir, out_dir, *, dataset_json=None, overwrite: bool 
     tasks = [(labels_of[d], d / name, refs[name], names, classes, float(tolerance_mm), surface)
              for d in pred_dirs for name in sorted(refs)]
 
-    rows, problems = [], []
-    if workers > 1:
-        import concurrent.futures
-        import multiprocessing
-
-        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            results = list(tqdm(pool.map(_evaluate_one, tasks), total=len(tasks), desc="evaluating", unit="case"))
-    else:
-        results = [_evaluate_one(t) for t in tqdm(tasks, desc="evaluating", unit="case")]
-    for case_rows, problem in results:
-        rows.extend(case_rows)
-        if problem:
-            problems.append(problem)
-    if problems:
-        raise MedsegError(problems[0] + (f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""))
+    rows = score_files(tasks, workers)
     if names is None:  # no dataset.json: the classes found in any file
         found = sorted({r["label"] for r in rows})
         names = {0: "0", **{c: str(c) for c in found}}

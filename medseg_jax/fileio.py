@@ -106,6 +106,18 @@ def _holder_is_gone(holder: dict) -> bool:
     return started is None or abs(started - float(holder.get("process_started", started))) > 1.0
 
 
+def live_holder(path: str | os.PathLike) -> dict | None:
+    """Who holds `exclusive(path)` now (host, pid, what it is doing), or None when nobody does (no lock, or a lock
+    left by a process that is gone)."""
+    path = Path(path)
+    lock = path.parent / f".{path.name}.lock"
+    try:
+        holder = json.loads(lock.read_text())
+    except (OSError, ValueError):
+        return None
+    return None if _holder_is_gone(holder) else holder
+
+
 @contextlib.contextmanager
 def exclusive(path: str | os.PathLike, doing: str) -> Iterator[None]:
     """One writer at a time for the folder `path` (a store being prepared, a run being trained): holds the lock file

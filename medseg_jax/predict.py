@@ -21,7 +21,7 @@ from medseg_jax import fileio, runs
 from medseg_jax.data import preprocess
 from medseg_jax.errors import MedsegError
 from medseg_jax.infer.forward import make_forward
-from medseg_jax.infer.postprocess import logits_to_original
+from medseg_jax.infer.postprocess import labels_of_probabilities, logits_to_original, postprocess
 from medseg_jax.infer.sliding_window import sliding_window_inference
 from medseg_jax.io import datasets, nifti
 from medseg_jax.models.registry import build_network, output_channels
@@ -87,6 +87,44 @@ class Predictor:
             raise MedsegError(f"{paths[0]}: {image.shape[-1]} channels, the model was trained on "
                               f"{len(self.plans['normalization'])}")
         nifti.write_label(output, self.predict_array(image, geometry.spacing), geometry)
+
+
+class EnsemblePredictor(Predictor):
+    """An inference plan (`medseg results --find-best` writes SWEEP/inference_plan.json): every run it lists predicts,
+    their class probabilities on the scan's grid are averaged, and the plan's postprocessing is applied."""
+
+    def __init__(self, plan_path: str | Path, mesh: dict | None = None):
+        plan_path = Path(plan_path)
+        try:
+            plan = json.loads(plan_path.read_text())
+        except (OSError, ValueError) as exc:
+            raise MedsegError(f"{plan_path}: cannot read the inference plan ({exc})") from None
+        if not isinstance(plan, dict) or plan.get("kind") != "medseg inference plan" or not plan.get("runs"):
+            raise MedsegError(f"{plan_path}: not an inference plan (written by `medseg results --find-best`)")
+        self.members = [Predictor(plan_path.parent / run, plan.get("checkpoint", "latest"), mesh)
+                        for run in plan["runs"]]
+        first = self.members[0]
+        for run, member in zip(plan["runs"], self.members):
+            if member.plans["labels"] != first.plans["labels"] or member.regions != first.regions:
+                raise MedsegError(f"{plan_path}: run {run} predicts other labels than {plan['runs'][0]}")
+        self.plans, self.regions, self.rules = first.plans, first.regions, plan.get("postprocessing")
+
+    def predict_array(self, image: np.ndarray, spacing) -> np.ndarray:
+        total = None
+        for member in self.members:
+            logits, pre = member.logits(image, spacing)
+            _, probabilities = logits_to_original(logits, pre.crop_box, pre.canonical_shape, member.regions,
+                                                  with_probabilities=True)
+            total = probabilities.astype(np.float32) if total is None else total + probabilities
+        labels = labels_of_probabilities(total / len(self.members), self.regions)
+        return postprocess(labels.astype(np.uint8 if labels.max(initial=0) < 256 else np.int16), self.rules)
+
+
+def open_predictor(run: str | Path, checkpoint: str = "best", mesh: dict | None = None) -> Predictor:
+    """A run directory's predictor, or an inference plan's ensemble (a .json file)."""
+    if Path(run).is_file() and str(run).endswith(".json"):
+        return EnsemblePredictor(run, mesh)
+    return Predictor(run, checkpoint, mesh)
 
 
 def check_inputs(inputs, channels: int | None = None) -> list[tuple[str, tuple, str]]:
@@ -163,7 +201,7 @@ def predict(run_dir, input_path, output_dir, *, overwrite: bool = False, skip_ba
     if existing and not overwrite:
         raise MedsegError(f"{existing[0]}: already exists ({len(existing)} outputs would be overwritten); "
                           "pass --overwrite or choose another --output")
-    predictor = Predictor(run_dir, checkpoint, mesh)
+    predictor = open_predictor(run_dir, checkpoint, mesh)
     todo = [(case_id, paths) for case_id, paths in inputs if case_id not in done]
     problems = check_inputs(todo, channels=len(predictor.plans["normalization"]))
     if problems and not skip_bad:

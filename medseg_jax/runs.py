@@ -42,6 +42,7 @@ class RunDir:
     latest_dir = property(lambda self: self.path / "checkpoints" / "latest")
     best_dir = property(lambda self: self.path / "checkpoints" / "best")
     validation_dir = property(lambda self: self.path / "validation")
+    splits_path = property(lambda self: self.path / "splits.json")
 
     def has_checkpoint(self) -> bool:
         """Whether a checkpoint was completed: orbax writes a step into `<step>.orbax-checkpoint-tmp...` and renames

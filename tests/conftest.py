@@ -7,12 +7,20 @@ import os
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+REPO = Path(__file__).resolve().parents[1]
+# Many tests (and the commands they start) compile the same tiny programs: XLA's persistent compilation cache, shared
+# by the test workers and their subprocesses, compiles each once per machine (a cached executable is the one XLA would
+# build, so results do not change). Set before jax is imported; MEDSEG_TEST_XLA_CACHE=0 turns it off.
+if os.environ.get("MEDSEG_TEST_XLA_CACHE", "1") != "0":
+    import hashlib
+    import tempfile
+
+    _tag = hashlib.sha1(str(REPO).encode()).hexdigest()[:8]
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(tempfile.gettempdir()) / f"medseg-tests-xla-{_tag}"))
 
 import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def rotation(axis, degrees) -> np.ndarray:

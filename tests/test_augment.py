@@ -133,6 +133,7 @@ def test_unknown_parameter_and_preset_are_config_errors():
         make_pipeline(config, PATCH)
 
 
+@pytest.mark.slow  # minutes on a 2-core CPU: make test-all
 def test_training_with_the_nnunet_preset_reads_a_margin(tiny_dataset, tmp_path):
     from medseg_jax.train.loop import train
     from tests.conftest import tiny_config

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from medseg_jax.cli import main
 
 TINY = ["--config.data.val_cases=1", "--config.model.features=(4,8)", "--config.train.patch_size=(16,16,8)",
@@ -11,6 +13,7 @@ TINY = ["--config.data.val_cases=1", "--config.model.features=(4,8)", "--config.
         "--config.train.checkpoint_every=1", "--config.train.warmup_steps=1"]
 
 
+@pytest.mark.slow  # minutes on a 2-core CPU: make test-all
 def test_mri_demo_runs_with_its_own_experiment(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--modality", "mri", "--cases", "3", "--test-cases", "1", *TINY]) == 0

@@ -10,8 +10,9 @@ from medseg_jax.errors import MedsegError
 from medseg_jax.experiments import base
 from tests.conftest import REPO
 
-# every experiment file: the package's own modules (its __init__, the base and the schema) are not experiments
-PACKAGE_MODULES = ("__init__", "base", "schema")
+# every experiment file: the package's own modules (its __init__, the base, the schema, the sweep helpers) are not
+# experiments
+PACKAGE_MODULES = ("__init__", "base", "schema", "trials")
 EXPERIMENTS = sorted(p.stem for p in (REPO / "experiments").glob("*.py") if p.stem not in PACKAGE_MODULES)
 
 

@@ -40,16 +40,17 @@ def test_unet_shapes_and_deep_supervision():
     model = UNet(num_classes=3, features=(4, 8, 16), deep_supervision=True)
     x = jnp.zeros((2, 16, 16, 8, 1))
     variables = jax.jit(model.init)(jax.random.key(0), x)
-    outputs = model.apply(variables, x, train=True)
+    apply = jax.jit(model.apply, static_argnames="train")  # one compilation, not one per operation
+    outputs = apply(variables, x, train=True)
     assert [o.shape for o in outputs] == [(2, 16, 16, 8, 3), (2, 8, 8, 4, 3)]
-    assert model.apply(variables, x).shape == (2, 16, 16, 8, 3)
+    assert apply(variables, x).shape == (2, 16, 16, 8, 3)
     assert model.total_downsampling() == (4, 4, 4)
 
 
 def test_unet_anisotropic_strides():
     model = UNet(num_classes=2, features=(4, 8, 16), strides=((1, 1, 1), (2, 2, 1), (2, 2, 2)))
     x = jnp.zeros((1, 16, 16, 6, 1))
-    assert model.apply(model.init(jax.random.key(0), x), x).shape == (1, 16, 16, 6, 2)
+    assert jax.jit(model.apply)(jax.jit(model.init)(jax.random.key(0), x), x).shape == (1, 16, 16, 6, 2)
     assert model.total_downsampling() == (4, 4, 2)
 
 

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO, TINY_OVERRIDES, run_worker
 
 STEPS = 20
@@ -36,6 +37,7 @@ def train_losses(workdir) -> list[float]:
     return [r["loss"] for r in records if r["kind"] == "train"]
 
 
+@pytest.mark.slow  # minutes on a 2-core CPU: make test-all
 def test_two_processes_train_like_one_process_and_the_checkpoint_restores_on_1_and_8_devices(tiny_dataset, tmp_path):
     """The issue's multi-host test, and resuming a 2-process run in one process."""
     multi, single = tmp_path / "two_processes", tmp_path / "one_process"

@@ -76,6 +76,7 @@ def test_resenc_presets_set_the_budget():
     assert report["budget_gb"] == 24.0
 
 
+@pytest.mark.slow  # minutes on a 2-core CPU: make test-all
 def test_compiled_memory_grows_with_batch_and_patch():
     config = base_config("plain_unet")
     config.model.features = (4, 8)

@@ -22,6 +22,7 @@ def check_step(result: dict) -> None:
     assert result["collectives"]["all-reduce"] > 0, where
 
 
+@pytest.mark.slow  # minutes on a 2-core CPU: make test-all
 def test_sharded_step_equals_the_single_device_step():
     """data=2 x space=4 (with on-device augmentation, and a whole train step) and data=1 x space=8."""
     first, second = run_worker("sharded.py", "steps")

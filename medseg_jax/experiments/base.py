@@ -20,7 +20,18 @@ def get_config(model: str = "plain_unet") -> ml_collections.ConfigDict:
     # Data: planning keys (read when the store is prepared; a store prepared otherwise is refused), then streaming.
     config.data = default_data_config()  # dataset, store, target_spacing, anisotropy_threshold, normalization,
     # label_resampling, chunk_shape: see medseg_jax/data/fingerprint.py
-    config.data.val_cases = 2  # the last N training cases (sorted by id) are held out for validation
+    # Which cases validate (medseg_jax/data/splits.py): "holdout" (the last data.val_cases case ids, sorted), a fold
+    # number k of data.num_folds (drawn by data.split_seed, as nnU-Net's 5 folds with seed 12345; or read from
+    # data.splits_file, nnU-Net's splits_final.json format) or "all" (every case trains). data.group_regex (its first
+    # group, searched in the case id) or data.groups_file (JSON {case: group} or CSV case,group) keep a patient's or
+    # site's cases in one fold.
+    config.data.fold = "holdout"
+    config.data.val_cases = 2
+    config.data.num_folds = 5
+    config.data.split_seed = 12345
+    config.data.splits_file = ""
+    config.data.group_regex = ""
+    config.data.groups_file = ""
     config.data.prepare_workers = 1  # processes preparing cases when training prepares data.dataset itself
     config.data.oversample_foreground = 0.33  # expected share of each batch centred on a foreground class (nnU-Net)
     config.data.workers = 0  # grain worker processes reading patches (0: in the training process)

@@ -79,9 +79,18 @@ def features(key, value):
     sizes((len(value),))(key, value)
 
 
+def fold(key, value):
+    text = str(value).strip().lower() if isinstance(value, (str, int)) and not isinstance(value, bool) else None
+    if text is None or not (text in ("holdout", "all") or text.isdigit()):
+        raise _fail(key, value, "must be a fold number (0, 1, ...), 'all' or 'holdout'")
+
+
 RULES: dict[str, Callable] = {
     "seed": whole(),
     "data.val_cases": whole(0),
+    "data.fold": fold,
+    "data.num_folds": whole(2),
+    "data.split_seed": whole(),
     "data.prepare_workers": whole(1),
     "data.oversample_foreground": number(0.0, 1.0),
     "data.workers": whole(0),

@@ -37,10 +37,83 @@ def to_labels(logits: np.ndarray, regions=None) -> np.ndarray:
     return labels
 
 
-def logits_to_original(logits: np.ndarray, crop_box, canonical_shape, regions=None) -> np.ndarray:
+def probabilities(logits: np.ndarray, regions=None) -> np.ndarray:
+    """(..., K) logits -> class probabilities (softmax), or per-region probabilities (sigmoid) for region models."""
+    logits = np.asarray(logits, np.float32)
+    if regions:
+        return 1.0 / (1.0 + np.exp(-logits))
+    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return shifted / shifted.sum(axis=-1, keepdims=True)
+
+
+def labels_of_probabilities(probs: np.ndarray, regions=None) -> np.ndarray:
+    """The labels `to_labels` gives for the logits these probabilities came from (sigmoid > 0.5 is logit > 0)."""
+    if not regions:
+        return np.argmax(probs, axis=-1)
+    return to_labels(probs - 0.5, regions)
+
+
+def _label_dtype(labels: np.ndarray):
+    return np.uint8 if labels.max(initial=0) < 256 else np.int16
+
+
+def logits_to_original(logits: np.ndarray, crop_box, canonical_shape, regions=None,
+                       with_probabilities: bool = False):
     """Preprocessed-grid logits (X', Y', Z', K) -> label map on the canonical original grid (background outside the
     crop box). The logits are resized onto the crop box (linear) and turned into labels there (`to_labels`), so only
-    one channel is ever full size."""
+    one channel is ever full size. `with_probabilities` also returns (X, Y, Z, K) float16 probabilities on that grid
+    (background certain outside the crop box), whose labels are the map's."""
     box_shape = [hi - lo for lo, hi in crop_box]
-    labels = to_labels(resize(logits, box_shape, order=1), regions)
-    return paste(labels.astype(np.uint8 if labels.max(initial=0) < 256 else np.int16), crop_box, canonical_shape)
+    box_logits = resize(logits, box_shape, order=1)
+    labels = to_labels(box_logits, regions)
+    label_map = paste(labels.astype(_label_dtype(labels)), crop_box, canonical_shape)
+    if not with_probabilities:
+        return label_map
+    inside = probabilities(box_logits, regions).astype(np.float16)
+    outside = np.zeros(inside.shape[-1], np.float16)
+    if not regions:
+        outside[0] = 1
+    full = np.broadcast_to(outside, tuple(canonical_shape) + outside.shape).copy()
+    full[tuple(slice(lo, hi) for lo, hi in crop_box)] = inside
+    return label_map, full
+
+
+# --- connected-component postprocessing (nnU-Net's, chosen on cross-validation by `medseg results --find-best`) -------
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 26-connected component of a boolean mask (empty stays empty)."""
+    import cc3d
+
+    if not mask.any():
+        return mask
+    return cc3d.largest_k(mask.astype(np.uint8), k=1, connectivity=26) > 0
+
+
+def without_small_components(mask: np.ndarray, min_voxels: int) -> np.ndarray:
+    """The mask without its 26-connected components of fewer than `min_voxels` voxels."""
+    import cc3d
+
+    if not mask.any() or min_voxels <= 1:
+        return mask
+    return cc3d.dust(mask.astype(np.uint8), threshold=int(min_voxels), connectivity=26) > 0
+
+
+def postprocess(labels: np.ndarray, rules: dict | None) -> np.ndarray:
+    """Applies postprocessing `rules` to a label map (removed voxels become background):
+    {"foreground_largest_component": bool, "classes": {"<label>": {"largest_component": bool, "min_voxels": int}}};
+    the foreground rule first, then each class's, as nnU-Net applies its chosen steps."""
+    if not rules:
+        return labels
+    labels = labels.copy()
+    if rules.get("foreground_largest_component"):
+        foreground = labels > 0
+        labels[foreground & ~largest_component(foreground)] = 0
+    for label, rule in sorted((rules.get("classes") or {}).items(), key=lambda item: int(item[0])):
+        mask = labels == int(label)
+        kept = mask
+        if rule.get("largest_component"):
+            kept = largest_component(kept)
+        if rule.get("min_voxels"):
+            kept = without_small_components(kept, int(rule["min_voxels"]))
+        labels[mask & ~kept] = 0
+    return labels

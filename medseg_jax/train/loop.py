@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from medseg_jax import fileio, runs, viz
 from medseg_jax.data import loader
-from medseg_jax.data.splits import split_cases
+from medseg_jax.data.splits import train_val_cases
 from medseg_jax.data.training_store import open_training_store
 from medseg_jax.errors import MedsegError
 from medseg_jax.experiments import schema
@@ -53,11 +53,11 @@ def check_run_dir(run: runs.RunDir, resume: bool) -> bool:
         advice = ("pass --resume to continue it" if run.has_checkpoint() else
                   "it stopped before its first checkpoint: pass --resume to start it again from step 0")
         raise MedsegError(f"{run.path}: work directory is not empty; {advice}, or choose another --workdir")
-    return resume
     if jax.process_count() > 1:  # every process has looked at the directory before any writes to it
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices("medseg: run directory checked")
+    return resume
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | Path, resume: bool = False,
@@ -83,7 +83,7 @@ def _train(config: ml_collections.ConfigDict, run: runs.RunDir, resume: bool, st
     mesh_lib.check_batch_divisible(config.infer.batch_size, layout, key="infer.batch_size")
     store = open_training_store(config.data, run.path)
     plan = store.plan
-    train_ids, val_ids = split_cases(store.case_ids, config.data.val_cases)
+    train_ids, val_ids, folds = train_val_cases(config.data, store.case_ids)
     val_cases = load_val_cases(store, val_ids)
     num_classes = len(plan["labels"])
     experiment = build_experiment(config, num_classes, len(plan["normalization"]), layout)
@@ -106,6 +106,8 @@ def _train(config: ml_collections.ConfigDict, run: runs.RunDir, resume: bool, st
     if not resume and jax.process_index() == 0:  # (again, for a run started over)
         run.save_config(config)
         run.save_plans(plan)
+        if folds is not None:  # the folds this run's fold was drawn from, as nnU-Net keeps splits_final.json
+            fileio.write_json(run.splits_path, folds)
     start_step = 0
     latest, best = run.checkpoint_managers(writer=True)
     data_restorable = False
@@ -144,13 +146,17 @@ def _train(config: ml_collections.ConfigDict, run: runs.RunDir, resume: bool, st
     original_dice: dict = {}
 
     def export_final(case, logits):
-        original_dice[case.case_id] = export_validation(store, run, case, logits, experiment.regions)
+        original_dice[case.case_id] = export_validation(store, run, case, logits, experiment.regions,
+                                                        save_probabilities=folds is not None)
 
     progress = tqdm(range(start_step, end_step), initial=start_step, total=total_steps, desc="training",
                     unit="step", dynamic_ncols=True, disable=jax.process_index() != 0)
     step_started = time.time()
+    first_step_seconds = None
     for step in progress:
         state, metrics = train_step(state, next(batches), jax.random.fold_in(step_key, step))
+        if first_step_seconds is None:  # the train step's compilation (or persistent-cache load) and the first batch
+            first_step_seconds = round(time.time() - step_started, 2)
         done = step + 1
         pending.append((done, metrics))
         log_now = done % config.train.log_every == 0 or done == end_step
@@ -192,6 +198,7 @@ def _train(config: ml_collections.ConfigDict, run: runs.RunDir, resume: bool, st
 
     summary = {"steps": int(mesh_lib.to_host(state.step)), "total_steps": total_steps,
                "train_seconds": round(train_seconds, 1), "wall_seconds": round(time.time() - started, 1),
+               "first_step_seconds": first_step_seconds,
                "device": mesh_lib.describe_devices(), "mesh": layout.describe(),
                "processes": jax.process_count(), "best_val_dice": None if np.isnan(best_dice) else best_dice,
                "best_step": best.best_step(), "store": str(store.root), "skipped_steps": guard.skipped}
