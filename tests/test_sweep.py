@@ -257,18 +257,20 @@ def test_bad_sweeps_are_refused_before_anything_is_written(tiny_dataset, tmp_pat
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.slow
 def test_the_submitit_code_path_gives_the_local_results(local_sweep, tiny_dataset, tmp_path):
+    """Fold 0 of both trials as a submitit job array (submitit's LocalExecutor: the code path of --executor slurm)."""
     from medseg_jax.sweep import results
     from medseg_jax.sweep.runner import run_sweep
 
     workdir = tmp_path / "sweep"
-    run_sweep(str(local_sweep.parent / "tiny_sweep.py"), workdir, executor="submitit-local", max_parallel=2,
-              overrides=_sweep_overrides(tiny_dataset))
+    run_sweep(str(local_sweep.parent / "tiny_sweep.py"), workdir, folds="0", executor="submitit-local",
+              max_parallel=2, overrides=_sweep_overrides(tiny_dataset))
     results.results(workdir)
     manifest = json.loads((workdir / "sweep.json").read_text())
     assert all(f["status"] == "done" for t in manifest["trials"].values() for f in t["folds"].values())
-    assert _per_case(workdir) == _per_case(local_sweep)  # bit-identical training, same scores
+    assert all(f["job"] for t in manifest["trials"].values() for f in t["folds"].values())
+    fold_0 = [r for r in _per_case(local_sweep) if r["fold"] == "0"]
+    assert _per_case(workdir) == fold_0  # bit-identical training, the same scores
 
 
 @pytest.mark.slow

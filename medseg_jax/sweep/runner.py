@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import ml_collections
+from tqdm.auto import tqdm
 
 from medseg_jax import config as config_lib
 from medseg_jax import experiments, fileio, runs
@@ -293,7 +294,10 @@ def _run(sweep: Sweep, sweep_path: Path, configs: dict, fold_list: list[int], wo
         starts[(task.trial, task.fold)] = time.time()
         manifest.set(task.trial, task.fold, status="running", job=job)
 
+    progress = tqdm(total=len(todo), desc="sweep", unit="run", dynamic_ncols=True, disable=not todo)
+
     def finished(task: Task, outcome: Outcome) -> None:
+        progress.update(1)
         seconds = round(time.time() - starts.get((task.trial, task.fold), time.time()), 1)
         done_now = outcome.ok and runs.RunDir(task.run_dir).summary_path.is_file()
         manifest.set(task.trial, task.fold, status="done" if done_now else "failed", seconds=seconds,
@@ -306,7 +310,10 @@ def _run(sweep: Sweep, sweep_path: Path, configs: dict, fold_list: list[int], wo
 
     if todo:
         executor = make_executor(executor_name, workdir / "submitit", max_parallel, slurm)
-        executor.run(todo, started, finished)
+        try:
+            executor.run(todo, started, finished)
+        finally:
+            progress.close()
     busy = [t for t in tasks if manifest.fold(t.trial, t.fold)["status"] == "running"]
     if failures or busy:
         parts = []
