@@ -359,3 +359,35 @@ def test_find_best_writes_an_inference_plan_that_predict_runs(local_sweep, tiny_
                  str(tiny_dataset / "imagesTs"), "--output", str(tmp_path / "out")]) == 0
     outputs = sorted(p.name for p in (tmp_path / "out").glob("*.nii.gz"))
     assert outputs == sorted(p.name for p in (tiny_dataset / "imagesTs").glob("*.nii.gz"))
+
+
+def test_slurm_settings_reach_the_sbatch_script(tmp_path, monkeypatch):
+    """--executor slurm builds submitit's SLURM executor from the flags and the sweep file (a stand-in srun on PATH:
+    there is no cluster here); without SLURM the flag is refused in one line."""
+    from medseg_jax.sweep.executors import make_executor
+
+    with pytest.raises(MedsegError, match='--executor slurm: Could not detect "srun"'):
+        make_executor("slurm", tmp_path / "no_slurm", 2, {})
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    executor = make_executor("slurm", tmp_path / "submitit", 3, {"slurm_partition": "gpu", "gpus_per_node": 1,
+                                                                 "timeout_min": 600, "slurm_account": "lab"})
+    parameters = executor.executor._executor.parameters
+    assert parameters["array_parallelism"] == 3
+    script = executor.executor._executor._make_submission_file_text("python -m medseg_jax.sweep.worker", "uid")
+    for line in ("#SBATCH --partition=gpu", "#SBATCH --gpus-per-node=1", "#SBATCH --time=600", "#SBATCH --account=lab"):
+        assert line in script, script
+
+
+@pytest.mark.parametrize("name", ["demo_ablation", "msd_liver_architectures"])
+def test_the_shipped_sweeps_build_every_trial(name):
+    from medseg_jax.sweep.runner import find_sweep_file, load_sweep, trial_configs
+
+    path = find_sweep_file(name)  # found by name, as `medseg sweep NAME` does
+    sweep = load_sweep(path)
+    configs = trial_configs(sweep, path, [])
+    assert set(configs) == set(sweep.trials) and sweep.baseline in configs
+    assert len({json.dumps(c.to_dict(), sort_keys=True, default=str) for c in configs.values()}) == len(configs)

@@ -123,7 +123,11 @@ class SubmititExecutor:
         except ImportError:
             raise MedsegError("--executor slurm needs submitit: pip install submitit") from None
         self.folder, self.cluster, self.max_parallel = Path(folder), cluster, max_parallel
-        self.executor = submitit.AutoExecutor(folder=str(self.folder / "%j"), cluster=cluster)
+        try:
+            self.executor = submitit.AutoExecutor(folder=str(self.folder / "%j"), cluster=cluster)
+        except RuntimeError as exc:  # submitit finds no SLURM here (no srun)
+            raise MedsegError(f"--executor slurm: {exc} (use --executor local or submitit-local on this "
+                              "machine)") from None
         parameters = dict(parameters or {})
         if cluster == "slurm":
             parameters.setdefault("slurm_array_parallelism", max_parallel)
