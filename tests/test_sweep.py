@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import ml_collections
+import nibabel as nib
 import numpy as np
 import pytest
 
@@ -176,6 +177,8 @@ def test_a_sweep_runs_every_trial_and_fold_as_an_ordinary_run(local_sweep, tiny_
             with np.load(run / "validation" / f"{splits[fold]['val'][0]}.npz") as saved:
                 probabilities = saved["probabilities"]
             assert probabilities.dtype == np.float16 and probabilities.shape[-1] == 3
+            source = nib.load(tiny_dataset / "labelsTr" / f"{splits[fold]['val'][0]}.nii.gz")
+            assert probabilities.shape[:3] == source.shape  # the file's voxel order, as nnU-Net saves them
             np.testing.assert_allclose(probabilities.astype(np.float32).sum(-1), 1.0, atol=5e-3)
             assert (local_sweep / entry["log"]).is_file()
     # every case is predicted once per trial, by the fold that held it out

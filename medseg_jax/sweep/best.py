@@ -28,6 +28,7 @@ from medseg_jax.data.store import Store
 from medseg_jax.errors import MedsegError
 from medseg_jax.infer.postprocess import labels_of_probabilities, postprocess
 from medseg_jax.io import nifti
+from medseg_jax.io.geometry import to_canonical
 from medseg_jax.metrics.overlap import dice_per_class, nanmean
 from medseg_jax.sweep.results import collect
 
@@ -156,7 +157,8 @@ def find_best(workdir: str | Path, max_members: int = 2) -> dict:
         probabilities = {}
         for trial in trials:
             with np.load(fold_runs[trial][case_id].validation_dir / f"{case_id}.npz") as saved:
-                probabilities[trial] = saved["probabilities"]
+                # saved in the file's voxel order; the reference is read onto the canonical grid
+                probabilities[trial] = to_canonical(saved["probabilities"], store.geometry(case_id))
         return reference_of(case_id), probabilities
 
     scores = score_candidates(case_ids, load, trials, classes, min(max_members, len(trials)), regions)

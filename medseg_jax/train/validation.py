@@ -14,6 +14,7 @@ from medseg_jax.data.store import Store
 from medseg_jax.infer.postprocess import logits_to_original, to_labels
 from medseg_jax.infer.sliding_window import sliding_window_inference
 from medseg_jax.io import nifti
+from medseg_jax.io.geometry import from_canonical
 from medseg_jax.metrics.overlap import dice_per_class, nanmean
 from medseg_jax.models.registry import output_channels
 
@@ -55,15 +56,15 @@ def export_validation(store: Store, run: runs.RunDir, case: ValCase, logits: np.
                       save_probabilities: bool = False) -> dict:
     """Writes a validation case's prediction in its source file's geometry (through the store's manifest) and scores
     it there against the source label when that file is still readable. `save_probabilities` also writes
-    RUN/validation/CASE.npz: "probabilities" (X, Y, Z, K) float16 on the scan's canonical grid (the store's
-    `geometry(case)` maps it to the file), the out-of-fold probabilities that ensembles of trials average."""
+    RUN/validation/CASE.npz: "probabilities" (I, J, K, classes) float16 in the source file's voxel order, as nnU-Net
+    saves them: the out-of-fold probabilities that ensembles of trials average."""
     meta = store.cases[case.case_id]
     prediction = logits_to_original(logits, meta["crop_box"], meta["canonical_shape"], regions,
                                     with_probabilities=save_probabilities)
     if save_probabilities:
         prediction, probs = prediction
         with fileio.atomic_path(run.validation_dir / f"{case.case_id}.npz", suffix=".npz") as tmp:
-            np.savez_compressed(tmp, probabilities=probs)
+            np.savez_compressed(tmp, probabilities=from_canonical(probs, store.geometry(case.case_id)))
     nifti.write_label(run.validation_dir / f"{case.case_id}.nii.gz", prediction, store.geometry(case.case_id))
     label_path = store.source_path(meta["source"]["label"])
     if label_path is None or not label_path.is_file():
