@@ -99,21 +99,28 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str])
         if "=" not in text:
             raise MedsegError(f"config override '{item}': expected --config.key=value")
         key, value_text = text.split("=", 1)
-        parts = key.split(".")
-        node = config
-        for depth, part in enumerate(parts):
-            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-                known = ", ".join(sorted(node.keys())) if isinstance(node, ml_collections.ConfigDict) else ""
-                raise MedsegError(f"unknown config key '{key}'" + (f" (known at this level: {known})" if known else ""))
-            if depth < len(parts) - 1:
-                node = node[part]
-        current = node[parts[-1]]
+        node, name = locate(config, key)
+        current = node[name]
         if isinstance(current, ml_collections.ConfigDict):
             raise MedsegError(f"config key '{key}' is a group; override one of its fields "
                               f"({', '.join(current.keys())})")
         with node.ignore_type():
-            node[parts[-1]] = _parse_value(value_text, current, key)
+            node[name] = _parse_value(value_text, current, key)
     return config
+
+
+def locate(config: ml_collections.ConfigDict, key: str) -> tuple[ml_collections.ConfigDict, str]:
+    """(the group holding the dotted `key`, its last name); a key the config does not have is a MedsegError naming
+    the keys known where the path left the config."""
+    parts = key.split(".")
+    node = config
+    for depth, part in enumerate(parts):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            known = ", ".join(sorted(node.keys())) if isinstance(node, ml_collections.ConfigDict) else ""
+            raise MedsegError(f"unknown config key '{key}'" + (f" (known at this level: {known})" if known else ""))
+        if depth < len(parts) - 1:
+            node = node[part]
+    return node, parts[-1]
 
 
 def load_config(path: str | Path, overrides: Iterable[str] = ()) -> ml_collections.ConfigDict:

@@ -175,7 +175,7 @@ def evaluate(pred_dirs, ref_dir, out_dir, *, dataset_json=None, overwrite: bool 
     writer = csv.DictWriter(buffer, fieldnames=columns + extra_columns, extrasaction="ignore")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: (_format(v) if isinstance(v, float) else v) for k, v in row.items()})
+        writer.writerow({k: (format_number(v) if isinstance(v, float) else v) for k, v in row.items()})
     convention = ("surfel: surface elements as DeepMind's surface-distance" if surface == "surfel"
                   else "voxel: boundary voxels as MONAI")
     notes = [f"references: {ref_dir}", f"surface distances in mm, convention {convention}; NSD at "
@@ -189,5 +189,6 @@ def evaluate(pred_dirs, ref_dir, out_dir, *, dataset_json=None, overwrite: bool 
     return summary
 
 
-def _format(value: float) -> str:
+def format_number(value: float) -> str:
+    """How reports write a number: 6 significant digits, nan and inf by name."""
     return "nan" if np.isnan(value) else ("inf" if np.isinf(value) else f"{value:.6g}")

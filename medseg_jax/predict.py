@@ -21,7 +21,7 @@ from medseg_jax import fileio, runs
 from medseg_jax.data import preprocess
 from medseg_jax.errors import MedsegError
 from medseg_jax.infer.forward import make_forward
-from medseg_jax.infer.postprocess import labels_of_probabilities, logits_to_original, postprocess
+from medseg_jax.infer.postprocess import label_dtype, labels_of_probabilities, logits_to_original, postprocess
 from medseg_jax.infer.sliding_window import sliding_window_inference
 from medseg_jax.io import datasets, nifti
 from medseg_jax.models.registry import build_network, output_channels
@@ -117,7 +117,7 @@ class EnsemblePredictor(Predictor):
                                                   with_probabilities=True)
             total = probabilities.astype(np.float32) if total is None else total + probabilities
         labels = labels_of_probabilities(total / len(self.members), self.regions)
-        return postprocess(labels.astype(np.uint8 if labels.max(initial=0) < 256 else np.int16), self.rules)
+        return postprocess(labels.astype(label_dtype(labels)), self.rules)
 
 
 def open_predictor(run: str | Path, checkpoint: str = "best", mesh: dict | None = None) -> Predictor:

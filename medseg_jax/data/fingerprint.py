@@ -189,18 +189,18 @@ def check_resampled_size(resampled_shapes: np.ndarray, case_ids, channels: int, 
     as float32, resampled from a float32 copy; a worker holds one case at a time)."""
     if not len(resampled_shapes):
         return
-    import psutil
+    from medseg_jax.io.nifti import available_memory, format_size
 
     voxels = np.prod(resampled_shapes, axis=1)
     largest = int(np.argmax(voxels))
     needed = float(voxels[largest]) * max(channels, 1) * 4 * 2
-    available = psutil.virtual_memory().available
+    available = available_memory()
     if needed > available:
         shape = "x".join(str(int(v)) for v in resampled_shapes[largest])
         case = case_ids[largest] if largest < len(case_ids) else f"case {largest}"
         raise MedsegError(f"config key 'data.target_spacing': {tuple(target)} mm resamples {case} to {shape} voxels, "
-                          f"about {needed / 1024 ** 3:,.1f} GiB to prepare, more than the "
-                          f"{available / 1024 ** 3:,.1f} GiB of memory available; choose a coarser spacing")
+                          f"about {format_size(needed)} to prepare, more than the {format_size(available)} of memory "
+                          "available; choose a coarser spacing")
 
 
 def make_plan(fingerprint: dict, labels: dict, channel_names: dict, modality: str, data_config) -> dict:

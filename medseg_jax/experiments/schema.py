@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import ml_collections
 
+from medseg_jax.data.splits import parse_fold
 from medseg_jax.errors import MedsegError
 
 
@@ -79,16 +80,10 @@ def features(key, value):
     sizes((len(value),))(key, value)
 
 
-def fold(key, value):
-    text = str(value).strip().lower() if isinstance(value, (str, int)) and not isinstance(value, bool) else None
-    if text is None or not (text in ("holdout", "all") or text.isdigit()):
-        raise _fail(key, value, "must be a fold number (0, 1, ...), 'all' or 'holdout'")
-
-
 RULES: dict[str, Callable] = {
     "seed": whole(),
     "data.val_cases": whole(0),
-    "data.fold": fold,
+    "data.fold": lambda key, value: parse_fold(value),  # its own one-line error names the key
     "data.num_folds": whole(2),
     "data.split_seed": whole(),
     "data.prepare_workers": whole(1),

@@ -22,6 +22,7 @@ from typing import Any
 
 import ml_collections
 
+from medseg_jax import config as config_lib
 from medseg_jax.errors import MedsegError
 
 Changes = Mapping[str, Any]
@@ -56,14 +57,7 @@ class Sweep:
 
 def product(*axes: Mapping[str, Changes]) -> dict[str, dict[str, Any]]:
     """Every combination of one entry per axis: {"a": {...}, "b": {...}} x {"x": {...}} -> {"a-x": ..., "b-x": ...}."""
-    trials = {}
-    for combination in itertools.product(*[list(axis.items()) for axis in axes]):
-        name = "-".join(label for label, _ in combination)
-        merged: dict[str, Any] = {}
-        for _, changes in combination:
-            merged.update(changes)
-        trials[name] = merged
-    return trials
+    return dict(_joined(combination) for combination in itertools.product(*[list(axis.items()) for axis in axes]))
 
 
 def zip_trials(*axes: Mapping[str, Changes]) -> dict[str, dict[str, Any]]:
@@ -71,29 +65,27 @@ def zip_trials(*axes: Mapping[str, Changes]) -> dict[str, dict[str, Any]]:
     lengths = {len(axis) for axis in axes}
     if len(lengths) > 1:
         raise MedsegError(f"zip_trials: axes of different lengths {sorted(lengths)}")
-    trials = {}
-    for combination in zip(*[list(axis.items()) for axis in axes]):
-        merged: dict[str, Any] = {}
-        for _, changes in combination:
-            merged.update(changes)
-        trials["-".join(label for label, _ in combination)] = merged
-    return trials
+    return dict(_joined(combination) for combination in zip(*[list(axis.items()) for axis in axes]))
+
+
+def _joined(combination) -> tuple[str, dict[str, Any]]:
+    """((label, changes), ...) -> ("label-label", the changes merged, later axes winning)."""
+    merged: dict[str, Any] = {}
+    for _, changes in combination:
+        merged.update(changes)
+    return "-".join(label for label, _ in combination), merged
 
 
 def apply_changes(config: ml_collections.ConfigDict, changes: Changes, where: str) -> ml_collections.ConfigDict:
     """A copy of `config` with `changes` ({dotted key: value}) set; an unknown key is an error naming `where`."""
     config = ml_collections.ConfigDict(config.to_dict())
     for key, value in changes.items():
-        parts = key.split(".")
-        node = config
-        for part in parts[:-1]:
-            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-                raise MedsegError(f"{where}: unknown config key '{key}'")
-            node = node[part]
-        if not isinstance(node, ml_collections.ConfigDict) or parts[-1] not in node:
-            raise MedsegError(f"{where}: unknown config key '{key}'")
+        try:
+            node, name = config_lib.locate(config, key)
+        except MedsegError as exc:
+            raise MedsegError(f"{where}: {exc}") from None
         if isinstance(value, ml_collections.ConfigDict):
             value = value.to_dict()
         with node.ignore_type():
-            node[parts[-1]] = ml_collections.ConfigDict(value) if isinstance(value, dict) else value
+            node[name] = ml_collections.ConfigDict(value) if isinstance(value, dict) else value
     return config

@@ -53,7 +53,8 @@ def labels_of_probabilities(probs: np.ndarray, regions=None) -> np.ndarray:
     return to_labels(probs - 0.5, regions)
 
 
-def _label_dtype(labels: np.ndarray):
+def label_dtype(labels: np.ndarray):
+    """The smallest integer type a label map is written in (uint8, or int16 beyond 255)."""
     return np.uint8 if labels.max(initial=0) < 256 else np.int16
 
 
@@ -66,7 +67,7 @@ def logits_to_original(logits: np.ndarray, crop_box, canonical_shape, regions=No
     box_shape = [hi - lo for lo, hi in crop_box]
     box_logits = resize(logits, box_shape, order=1)
     labels = to_labels(box_logits, regions)
-    label_map = paste(labels.astype(_label_dtype(labels)), crop_box, canonical_shape)
+    label_map = paste(labels.astype(label_dtype(labels)), crop_box, canonical_shape)
     if not with_probabilities:
         return label_map
     inside = probabilities(box_logits, regions).astype(np.float16)

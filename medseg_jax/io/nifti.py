@@ -88,22 +88,24 @@ def _check_plausible_size(path: Path, img) -> None:
     offset = 0 if compressed else int(getattr(img.header, "get_data_offset", lambda: 0)() or 0)
     if (voxel_bytes > file_bytes * _MAX_DEFLATE_RATIO) if compressed else (offset + voxel_bytes > file_bytes):
         raise MedsegError(f"{path}: the header declares {'x'.join(map(str, shape))} voxels "
-                          f"({_size(voxel_bytes)} of data) but the file is {_size(file_bytes)}; it is truncated or "
-                          "its header is wrong")
+                          f"({format_size(voxel_bytes)} of data) but the file is {format_size(file_bytes)}; it is "
+                          "truncated or its header is wrong")
     needed = 2 * math.prod(shape) * 4  # read as float32, plus the canonical copy
-    available = _available_memory()
+    available = available_memory()
     if needed > available:
-        raise MedsegError(f"{path}: {'x'.join(map(str, shape))} voxels need about {_size(needed)} of memory to "
-                          f"read, more than the {_size(available)} available")
+        raise MedsegError(f"{path}: {'x'.join(map(str, shape))} voxels need about {format_size(needed)} of memory to "
+                          f"read, more than the {format_size(available)} available")
 
 
-def _available_memory() -> int:
+def available_memory() -> int:
+    """Bytes of memory this machine has free now."""
     import psutil
 
     return int(psutil.virtual_memory().available)
 
 
-def _size(num_bytes: float) -> str:
+def format_size(num_bytes: float) -> str:
+    """A byte count for a message: 512 bytes, 3.2 MiB, 70.1 TiB."""
     for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
         if num_bytes < 1024 or unit == "TiB":
             return f"{num_bytes:.0f} {unit}" if unit == "bytes" else f"{num_bytes:.1f} {unit}"

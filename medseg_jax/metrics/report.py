@@ -55,10 +55,19 @@ def summarize(rows: Sequence[dict], metrics: Sequence[str]) -> dict:
     return out
 
 
-def wilcoxon_comparisons(rows: Sequence[dict], metrics: Sequence[str]) -> list[dict]:
-    """Paired Wilcoxon signed-rank p-values for every pair of prediction sets, per class and metric."""
+def paired_wilcoxon(a: Sequence[float], b: Sequence[float]) -> float | None:
+    """Two-sided Wilcoxon signed-rank p-value of paired values, on the pairs where both are defined; None (the test
+    is undefined) with fewer than two such pairs or no difference at all."""
     from scipy import stats
 
+    pairs = [(x, y) for x, y in zip(a, b) if math.isfinite(x) and math.isfinite(y)]
+    if len(pairs) < 2 or not any(x != y for x, y in pairs):
+        return None
+    return float(stats.wilcoxon([x for x, _ in pairs], [y for _, y in pairs], zero_method="wilcox").pvalue)
+
+
+def wilcoxon_comparisons(rows: Sequence[dict], metrics: Sequence[str]) -> list[dict]:
+    """Paired Wilcoxon signed-rank p-values for every pair of prediction sets, per class and metric."""
     predictions = list(dict.fromkeys(r["prediction"] for r in rows))
     table = {(r["prediction"], r["case"], r["name"]): r for r in rows}
     names = list(dict.fromkeys(r["name"] for r in rows))
@@ -71,11 +80,7 @@ def wilcoxon_comparisons(rows: Sequence[dict], metrics: Sequence[str]) -> list[d
                          if (a, c, name) in table and (b, c, name) in table]
                 pairs = [(x, y) for x, y in pairs if math.isfinite(x) and math.isfinite(y)]
                 differences = [x - y for x, y in pairs]
-                if len(pairs) < 2 or not any(differences):
-                    p_value = None  # no pair or no difference: the test is undefined
-                else:
-                    p_value = float(stats.wilcoxon([x for x, _ in pairs], [y for _, y in pairs],
-                                                   zero_method="wilcox").pvalue)
+                p_value = paired_wilcoxon([x for x, _ in pairs], [y for _, y in pairs])
                 results.append({"a": a, "b": b, "name": name, "metric": metric, "n": len(pairs),
                                 "median_difference": float(np.median(differences)) if differences else None,
                                 "p_value": p_value})

@@ -29,7 +29,7 @@ import numpy as np
 from medseg_jax import fileio, runs
 from medseg_jax.data.store import Store
 from medseg_jax.errors import MedsegError
-from medseg_jax.evaluate import METRICS, score_files
+from medseg_jax.evaluate import METRICS, format_number, score_files
 from medseg_jax.metrics import report
 
 TABLE_METRICS = ("dice", "hd95", "nsd")
@@ -37,12 +37,9 @@ BOOTSTRAP_SAMPLES = 10_000
 BOOTSTRAP_SEED = 0
 
 
-def _format(value) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return "nan" if math.isnan(value) else ("inf" if math.isinf(value) else f"{value:.6g}")
-    return str(value)
+def _cell(value) -> str:
+    """A CSV cell: numbers as `medseg evaluate` writes them, nothing for a missing value."""
+    return "" if value is None else format_number(value) if isinstance(value, float) else str(value)
 
 
 def bootstrap_interval(differences: Sequence[float], samples: int = BOOTSTRAP_SAMPLES,
@@ -55,15 +52,6 @@ def bootstrap_interval(differences: Sequence[float], samples: int = BOOTSTRAP_SA
     means = values[rng.integers(0, values.size, size=(samples, values.size))].mean(axis=1)
     low, high = np.percentile(means, [2.5, 97.5])
     return float(low), float(high)
-
-
-def wilcoxon_p(a: Sequence[float], b: Sequence[float]) -> float | None:
-    from scipy import stats
-
-    pairs = [(x, y) for x, y in zip(a, b) if math.isfinite(x) and math.isfinite(y)]
-    if len(pairs) < 2 or not any(x != y for x, y in pairs):
-        return None
-    return float(stats.wilcoxon([x for x, _ in pairs], [y for _, y in pairs], zero_method="wilcox").pvalue)
 
 
 def collect(workdir: Path) -> tuple[dict, dict[str, dict[int, runs.RunDir]]]:
@@ -169,7 +157,7 @@ def summarize_trials(rows: Sequence[dict], manifest: dict, finished: dict, basel
         low, high = bootstrap_interval(differences)
         comparison = {"baseline": baseline, "cases": len(shared),
                       "mean_difference": float(np.nanmean(differences)) if differences else None,
-                      "ci95": [low, high], "p_value": wilcoxon_p([my_case[c] for c in shared],
+                      "ci95": [low, high], "p_value": report.paired_wilcoxon([my_case[c] for c in shared],
                                                                  [base_case[c] for c in shared]),
                       "per_class": {}}
         for name in names:
@@ -177,8 +165,9 @@ def summarize_trials(rows: Sequence[dict], manifest: dict, finished: dict, basel
             b = {r["case"]: r["dice"] for r in base_rows if r["name"] == name}
             both = [c for c in shared if c in a and c in b]
             diffs = [a[c] - b[c] for c in both]
-            comparison["per_class"][name] = {"ci95": list(bootstrap_interval(diffs)),
-                                             "p_value": wilcoxon_p([a[c] for c in both], [b[c] for c in both])}
+            comparison["per_class"][name] = {
+                "ci95": list(bootstrap_interval(diffs)),
+                "p_value": report.paired_wilcoxon([a[c] for c in both], [b[c] for c in both])}
         entry["vs_baseline"] = None if trial == baseline else comparison
         trials.append(entry)
     trials.sort(key=lambda t: -(t["dice"]["mean"] if t["dice"]["mean"] is not None else -math.inf))
@@ -218,7 +207,7 @@ def _csv(rows: Sequence[dict], columns: Sequence[str]) -> str:
     writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: _format(row.get(k)) for k in columns})
+        writer.writerow({k: _cell(row.get(k)) for k in columns})
     return buffer.getvalue()
 
 

@@ -165,10 +165,11 @@ def run_sweep(spec: str, workdir: str | Path, *, folds: str | None = None, execu
     sweep = load_sweep(sweep_path)
     configs = trial_configs(sweep, sweep_path, overrides)
     fold_list = parse_folds(folds, sweep.folds)
-    make_executor(executor, workdir / "submitit", max_parallel, {})  # flags checked before anything is written
+    # built (and its flags checked) before anything of the sweep is written
+    launcher = make_executor(executor, workdir / "submitit", max_parallel, {**sweep.slurm, **(slurm or {})})
     with fileio.exclusive(workdir, "running a sweep"):
-        return _run(sweep, sweep_path, configs, fold_list, workdir, executor, max_parallel, list(overrides),
-                    {**sweep.slurm, **(slurm or {})})
+        return _run(sweep, sweep_path, configs, fold_list, workdir, executor, launcher, max_parallel,
+                    list(overrides))
 
 
 def _store_paths(configs: dict[str, ml_collections.ConfigDict], workdir: Path) -> dict[str, Path]:
@@ -221,7 +222,7 @@ def _folds(configs: dict, stores: dict[str, Store], workdir: Path, fold_list: li
 
 
 def _run(sweep: Sweep, sweep_path: Path, configs: dict, fold_list: list[int], workdir: Path, executor_name: str,
-         max_parallel: int, overrides: list[str], slurm: dict) -> dict:
+         executor, max_parallel: int, overrides: list[str]) -> dict:
     manifest_path = workdir / "sweep.json"
     previous = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
     # Every run directory's config is decided, and those of earlier calls compared, before anything is written.
@@ -258,7 +259,7 @@ def _run(sweep: Sweep, sweep_path: Path, configs: dict, fold_list: list[int], wo
         "sweep": str(sweep_path.resolve()), "base": sweep.base, "baseline": sweep.baseline,
         "folds": sorted(set(fold_list) | {int(f) for f in previous.get("folds", [])}),
         "overrides": overrides, "executor": executor_name, "splits": splits_path.name,
-        "trials": {name: {"changes": config_lib.to_plain(_plain_changes(changes)),
+        "trials": {name: {"changes": config_lib.to_plain(changes),
                           "folds": previous.get("trials", {}).get(name, {}).get("folds", {})}
                    for name, changes in sweep.trials.items()},
     }
@@ -309,7 +310,6 @@ def _run(sweep: Sweep, sweep_path: Path, configs: dict, fold_list: list[int], wo
             log.warning("%s: failed (%s); log %s:\n%s", task.name, outcome.detail, task.log, log_tail(task.log))
 
     if todo:
-        executor = make_executor(executor_name, workdir / "submitit", max_parallel, slurm)
         try:
             executor.run(todo, started, finished)
         finally:
@@ -326,7 +326,3 @@ def _run(sweep: Sweep, sweep_path: Path, configs: dict, fold_list: list[int], wo
                           "command to retry or continue them")
     return manifest.content
 
-
-def _plain_changes(changes: dict) -> dict:
-    return {key: (value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value)
-            for key, value in changes.items()}
