@@ -394,3 +394,15 @@ def test_the_shipped_sweeps_build_every_trial(name):
     configs = trial_configs(sweep, path, [])
     assert set(configs) == set(sweep.trials) and sweep.baseline in configs
     assert len({json.dumps(c.to_dict(), sort_keys=True, default=str) for c in configs.values()}) == len(configs)
+
+
+def test_a_damaged_manifest_is_one_line(tmp_path):
+    from medseg_jax.sweep import results
+
+    (tmp_path / "sweep.json").write_text("{not json")
+    with pytest.raises(MedsegError, match=r"sweep.json: cannot read the sweep manifest"):
+        results.results(tmp_path)
+    (tmp_path / "sweep.json").write_text("[]")
+    with pytest.raises(MedsegError, match=r"sweep.json: not a sweep manifest"):
+        results.results(tmp_path)
+    assert not (tmp_path / "results").exists()

@@ -54,12 +54,24 @@ def bootstrap_interval(differences: Sequence[float], samples: int = BOOTSTRAP_SA
     return float(low), float(high)
 
 
+def read_manifest(path: Path) -> dict:
+    """A sweep's sweep.json; a damaged one is a one-line error (it is rewritten whole at every change, atomically, so
+    only a hand edit can damage it)."""
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise MedsegError(f"{path}: cannot read the sweep manifest ({exc})") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("trials"), dict):
+        raise MedsegError(f"{path}: not a sweep manifest (written by `medseg sweep`)")
+    return manifest
+
+
 def collect(workdir: Path) -> tuple[dict, dict[str, dict[int, runs.RunDir]]]:
     """The manifest and, per trial, its finished fold runs."""
     manifest_path = workdir / "sweep.json"
     if not manifest_path.is_file():
         raise MedsegError(f"{workdir}: no sweep.json here; run `medseg sweep SWEEP --workdir {workdir}` first")
-    manifest = json.loads(manifest_path.read_text())
+    manifest = read_manifest(manifest_path)
     finished: dict[str, dict[int, runs.RunDir]] = {}
     for trial, entry in manifest["trials"].items():
         for fold, info in sorted(entry["folds"].items(), key=lambda item: int(item[0])):

@@ -39,6 +39,7 @@ from medseg_jax.errors import MedsegError
 from medseg_jax.experiments import schema
 from medseg_jax.experiments.trials import Sweep, apply_changes
 from medseg_jax.sweep.executors import Outcome, Task, make_executor
+from medseg_jax.sweep.results import read_manifest
 
 log = logging.getLogger(__name__)
 LOG_TAIL_LINES = 12
@@ -224,7 +225,7 @@ def _folds(configs: dict, stores: dict[str, Store], workdir: Path, fold_list: li
 def _run(sweep: Sweep, sweep_path: Path, configs: dict, fold_list: list[int], workdir: Path, executor_name: str,
          executor, max_parallel: int, overrides: list[str]) -> dict:
     manifest_path = workdir / "sweep.json"
-    previous = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    previous = read_manifest(manifest_path) if manifest_path.is_file() else {}
     # Every run directory's config is decided, and those of earlier calls compared, before anything is written.
     tasks, wanted = [], {}
     store_paths = _store_paths(configs, workdir)
