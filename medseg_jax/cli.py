@@ -122,16 +122,56 @@ def cmd_prepare(args, overrides) -> None:
             print(problem.line(), file=sys.stderr)
 
 
+def _mirror_axes(args):
+    if args.disable_tta:
+        return ()
+    if args.mirror_axes is None:
+        return None
+    from medseg_jax.errors import MedsegError
+    from medseg_jax.experiments.schema import mirror_axes
+
+    try:
+        axes = tuple(int(a) for a in args.mirror_axes.split(",") if a.strip())
+    except ValueError:
+        raise MedsegError(f"--mirror-axes {args.mirror_axes}: expected patch axes such as 0,1,2") from None
+    mirror_axes("--mirror-axes", axes)
+    return axes
+
+
 def cmd_predict(args) -> None:
     from medseg_jax.parallel.mesh_flag import parse_mesh_arg
-    from medseg_jax.predict import predict
+    from medseg_jax.predict import predict, read_postprocessing
 
-    result = predict(args.run, args.input, args.output, overwrite=args.overwrite, skip_bad=args.skip_bad,
-                     checkpoint=args.checkpoint, mesh=parse_mesh_arg(args.mesh) if args.mesh else None)
+    result = predict(args.run or (), args.input, args.output, overwrite=args.overwrite, skip_bad=args.skip_bad,
+                     checkpoint=args.checkpoint, mesh=parse_mesh_arg(args.mesh) if args.mesh else None,
+                     plan=args.plan, model=args.model, mirror_axes=_mirror_axes(args),
+                     postprocessing=read_postprocessing(args.postprocessing) if args.postprocessing else None,
+                     save_probabilities=args.save_probabilities, output_format=args.output_format)
     skipped = f" ({len(result['skipped'])} already there from this run)" if result["skipped"] else ""
     print(f"wrote {len(result['written'])} predictions to {args.output}{skipped}")
     for failure in result["failed"]:
         print(f"skipped {failure['case']}: {failure['problem']}", file=sys.stderr)
+
+
+def cmd_ensemble(args) -> None:
+    from medseg_jax.predict import ensemble, read_postprocessing
+
+    rules = read_postprocessing(args.postprocessing) if args.postprocessing else None
+    result = ensemble(args.input, args.output, postprocessing=rules, overwrite=args.overwrite,
+                      save_probabilities=args.save_probabilities)
+    print(f"wrote {len(result['written'])} ensembled label maps to {args.output}")
+
+
+def cmd_export(args) -> None:
+    from medseg_jax import export
+    from medseg_jax.predict import read_postprocessing
+
+    manifest = export.export_model(args.run or (), args.out, plan=args.plan, checkpoint=args.checkpoint,
+                                   platforms=tuple(p.strip() for p in args.platforms.split(",") if p.strip()),
+                                   postprocessing=read_postprocessing(args.postprocessing)
+                                   if args.postprocessing else None, overwrite=args.overwrite)
+    print(f"exported {export.describe(manifest)} to {args.out}; predict with "
+          f"`medseg predict --model {args.out} --input ... --output ...`")
 
 
 def cmd_evaluate(args) -> None:
@@ -267,7 +307,7 @@ def cmd_results(args) -> None:
         plan = best.find_best(args.workdir, max_members=args.max_ensemble)
         print(best.describe(plan), end="")
         print(f"best: {' + '.join(plan['members'])}; inference plan {args.workdir}/{best.PLAN_NAME} (use it as "
-              f"`medseg predict --run {args.workdir}/{best.PLAN_NAME} --input ... --output ...`)")
+              f"`medseg predict --plan {args.workdir}/{best.PLAN_NAME} --input ... --output ...`)")
 
 
 def cmd_import(args, overrides) -> None:
@@ -336,16 +376,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="processes reading and preprocessing cases")
     p.add_argument("--report", help="also write the validation report (TSV) here when validation fails")
 
-    p = sub.add_parser("predict", help="segment scans with a trained run")
-    p.add_argument("--run", required=True, help="run directory made by `medseg train`, or an inference plan "
-                                                 "(SWEEP/inference_plan.json from `medseg results --find-best`)")
-    p.add_argument("--input", required=True, help="a NIfTI file or a folder of them")
+    p = sub.add_parser("predict", help="segment scans with trained runs, an inference plan or an exported model")
+    models = p.add_mutually_exclusive_group(required=True)
+    models.add_argument("--run", action="append", help="run directory made by `medseg train` or `medseg import`; "
+                                                       "repeat for an ensemble (probabilities averaged)")
+    models.add_argument("--plan", help="inference plan (SWEEP/inference_plan.json from `medseg results --find-best`):"
+                                       " its runs ensembled, its postprocessing applied")
+    models.add_argument("--model", help="model folder written by `medseg export` (no model code needed)")
+    p.add_argument("--input", required=True, help="a NIfTI file, a folder of them, or DICOM series folder(s)")
     p.add_argument("--output", required=True, help="folder for the predicted label maps (same file names)")
     p.add_argument("--checkpoint", choices=["best", "latest"], default="best")
+    tta = p.add_mutually_exclusive_group()
+    tta.add_argument("--disable-tta", action="store_true", help="no mirror test-time augmentation (8x faster for 3 "
+                                                                "axes)")
+    tta.add_argument("--mirror-axes", help="patch axes to mirror, e.g. 0,1 (default: each model's infer.mirror_axes)")
+    p.add_argument("--postprocessing", help="JSON of postprocessing rules, or an inference plan whose rules to apply")
+    p.add_argument("--save-probabilities", action="store_true",
+                   help="also write CASE.npz: per-class probabilities (float16), for `medseg ensemble`")
+    p.add_argument("--output-format", choices=["nifti", "dicom-seg"], default="nifti",
+                   help="dicom-seg: a DICOM Segmentation referencing each input DICOM series (CASE.dcm)")
     p.add_argument("--overwrite", action="store_true", help="replace existing files in --output")
     p.add_argument("--skip-bad", action="store_true", help="predict the good inputs and report the bad ones")
     p.add_argument("--mesh", help="devices per mesh axis for the windows, e.g. data=2 or space=4 (default: the "
                                   "local devices on data)")
+
+    p = sub.add_parser("ensemble", help="average the probabilities saved by `medseg predict --save-probabilities` "
+                                        "in several folders into label maps")
+    p.add_argument("--input", required=True, nargs="+", help="two or more folders of CASE.npz")
+    p.add_argument("--output", required=True, help="folder for the label maps (CASE.nii.gz)")
+    p.add_argument("--postprocessing", help="JSON of postprocessing rules, or an inference plan whose rules to apply")
+    p.add_argument("--save-probabilities", action="store_true", help="also write the averaged probabilities")
+    p.add_argument("--overwrite", action="store_true")
+
+    p = sub.add_parser("export", help="serialise trained runs (jax.export StableHLO) with their preprocessing plan, "
+                                      "labels and postprocessing into a folder that predicts without the model code")
+    models = p.add_mutually_exclusive_group(required=True)
+    models.add_argument("--run", action="append", help="run directory; repeat for an ensemble")
+    models.add_argument("--plan", help="inference plan from `medseg results --find-best`")
+    p.add_argument("--out", required=True, help="new folder for the exported model")
+    p.add_argument("--checkpoint", choices=["best", "latest"], default="best")
+    p.add_argument("--platforms", default="cpu,cuda", help="platforms to lower for (default cpu,cuda; also rocm, tpu)")
+    p.add_argument("--postprocessing", help="JSON of postprocessing rules (default: the plan's, else none)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
 
     p = sub.add_parser("evaluate", help="Dice, IoU, precision, recall, HD, HD95, ASSD, NSD per case and class; several "
                                          "prediction folders are compared with paired Wilcoxon tests")
@@ -465,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
             if unknown:
                 parser.error(f"unrecognized arguments: {' '.join(unknown)}")
             {"demo-data": cmd_demo_data, "predict": cmd_predict, "evaluate": cmd_evaluate,
-             "results": cmd_results}[args.command](args)
+             "results": cmd_results, "ensemble": cmd_ensemble, "export": cmd_export}[args.command](args)
     except MedsegError as exc:
         print(f"medseg {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -74,6 +74,18 @@ def sizes(lengths: tuple[int, ...], *, empty: bool = False, positive_numbers: bo
     return check
 
 
+def mirror_axes(key, value, dims: int = 3):
+    """Distinct patch axes, 0 to dims - 1 (empty: no mirroring); a 2D patch ignores axis 2, so the default (0, 1, 2)
+    means every axis for both."""
+    if not isinstance(value, (tuple, list)):
+        raise _fail(key, value, "must be a list of patch axes, e.g. 0,1,2 (empty: no mirroring)")
+    for item in value:
+        if isinstance(item, bool) or not isinstance(item, numbers.Integral) or not 0 <= item < dims:
+            raise _fail(key, tuple(value), f"must hold patch axes from 0 to {dims - 1}")
+    if len(set(value)) != len(value):
+        raise _fail(key, tuple(value), "names an axis twice")
+
+
 def features(key, value):
     if not isinstance(value, (tuple, list)) or not value:
         raise _fail(key, value, "must list the features of at least one stage, e.g. 32,64,128")
@@ -111,6 +123,7 @@ RULES: dict[str, Callable] = {
     "train.max_nonfinite_steps": whole(0),
     "infer.overlap": number(0.0, 1.0, below=True),
     "infer.batch_size": whole(1),
+    "infer.mirror_axes": lambda key, value: mirror_axes(key, value),
     "model.features": features,
 }
 

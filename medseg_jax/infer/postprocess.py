@@ -13,8 +13,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import scipy.ndimage
 
-from medseg_jax.data.preprocess import paste, resize
+from medseg_jax.data.preprocess import logits_to_box, paste
+from medseg_jax.errors import MedsegError
 
 
 def region_labels(regions: Sequence[Sequence[int]]) -> list[int]:
@@ -59,13 +61,14 @@ def label_dtype(labels: np.ndarray):
 
 
 def logits_to_original(logits: np.ndarray, crop_box, canonical_shape, regions=None,
-                       with_probabilities: bool = False):
+                       with_probabilities: bool = False, plan: dict | None = None, spacing=None):
     """Preprocessed-grid logits (X', Y', Z', K) -> label map on the canonical original grid (background outside the
-    crop box). The logits are resized onto the crop box (linear) and turned into labels there (`to_labels`), so only
-    one channel is ever full size. `with_probabilities` also returns (X, Y, Z, K) float16 probabilities on that grid
+    crop box). The logits are resized onto the crop box (linear, or as the `plan`'s `resampling` says from its target
+    spacing to the scan's `spacing`) and turned into labels there (`to_labels`), so only one channel is ever full
+    size. `with_probabilities` also returns (X, Y, Z, K) float16 probabilities on that grid
     (background certain outside the crop box), whose labels are the map's."""
     box_shape = [hi - lo for lo, hi in crop_box]
-    box_logits = resize(logits, box_shape, order=1)
+    box_logits = logits_to_box(logits, box_shape, plan, spacing)
     labels = to_labels(box_logits, regions)
     label_map = paste(labels.astype(label_dtype(labels)), crop_box, canonical_shape)
     if not with_probabilities:
@@ -99,10 +102,38 @@ def without_small_components(mask: np.ndarray, min_voxels: int) -> np.ndarray:
     return cc3d.dust(mask.astype(np.uint8), threshold=int(min_voxels), connectivity=26) > 0
 
 
-def postprocess(labels: np.ndarray, rules: dict | None) -> np.ndarray:
-    """Applies postprocessing `rules` to a label map (removed voxels become background):
-    {"foreground_largest_component": bool, "classes": {"<label>": {"largest_component": bool, "min_voxels": int}}};
-    the foreground rule first, then each class's, as nnU-Net applies its chosen steps."""
+def filled_holes(mask: np.ndarray) -> np.ndarray:
+    """The mask with its enclosed holes filled (scipy's binary_fill_holes: regions not connected to the border)."""
+    if not mask.any():
+        return mask
+    return scipy.ndimage.binary_fill_holes(mask)
+
+
+RULE_KEYS = {"largest_component", "min_voxels", "min_volume_mm3", "fill_holes"}
+
+
+def check_rules(rules, where: str) -> None:
+    """Raises a one-line MedsegError naming `where` for postprocessing rules `postprocess` cannot apply."""
+    if rules is None:
+        return
+    unknown_top = set(rules) - {"foreground_largest_component", "classes"} if isinstance(rules, dict) else None
+    if not isinstance(rules, dict) or unknown_top:
+        raise MedsegError(f"{where}: postprocessing must be {{'foreground_largest_component': bool, 'classes': "
+                          f"{{label: {{{', '.join(sorted(RULE_KEYS))}}}}}}} (unknown: {sorted(unknown_top or [])})")
+    for label, rule in (rules.get("classes") or {}).items():
+        if not str(label).isdigit() or not isinstance(rule, dict) or set(rule) - RULE_KEYS:
+            raise MedsegError(f"{where}: postprocessing rule for class {label!r} must be a dict with keys from "
+                              f"{sorted(RULE_KEYS)}, got {rule!r}")
+
+
+def postprocess(labels: np.ndarray, rules: dict | None, spacing=None) -> np.ndarray:
+    """Applies postprocessing `rules` to a label map:
+    {"foreground_largest_component": bool, "classes": {"<label>": {"largest_component": bool, "min_voxels": int,
+    "min_volume_mm3": float, "fill_holes": bool}}}.
+    The foreground rule first (removed voxels become background), then each class's in label order: its largest
+    component, its components under `min_voxels` voxels or `min_volume_mm3` (with `spacing`, mm per axis) removed,
+    then background voxels enclosed by the class filled with it. nnU-Net's steps are the first two; hole filling is
+    MONAI's FillHoles."""
     if not rules:
         return labels
     labels = labels.copy()
@@ -116,5 +147,12 @@ def postprocess(labels: np.ndarray, rules: dict | None) -> np.ndarray:
             kept = largest_component(kept)
         if rule.get("min_voxels"):
             kept = without_small_components(kept, int(rule["min_voxels"]))
+        if rule.get("min_volume_mm3"):
+            if spacing is None:
+                raise MedsegError("postprocessing by min_volume_mm3 needs the scan's spacing")
+            voxel_mm3 = float(np.prod(np.asarray(spacing, np.float64)))
+            kept = without_small_components(kept, int(np.ceil(float(rule["min_volume_mm3"]) / voxel_mm3)))
         labels[mask & ~kept] = 0
+        if rule.get("fill_holes"):
+            labels[filled_holes(labels == int(label)) & (labels == 0)] = int(label)
     return labels

@@ -40,11 +40,13 @@ def gaussian_importance_map(patch_size: Sequence[int], sigma_scale: float = 0.12
 def sliding_window_inference(predict_fn: Callable[[np.ndarray], np.ndarray], volume: np.ndarray,
                              patch_size: Sequence[int], num_classes: int, *, overlap: float = 0.5,
                              batch_size: int = 2, gaussian: bool = True,
-                             sigma_scale: float = 0.125) -> np.ndarray:
+                             sigma_scale: float = 0.125, fetch: Callable = np.asarray) -> np.ndarray:
     """Logits for `volume` (X, Y, Z, C) -> (X, Y, Z, K) float32.
 
     `predict_fn` maps a (batch_size, *patch_size, C) float32 array to (batch_size, *patch_size, K) logits; it always
-    gets exactly `batch_size` windows (the last batch is padded with zeros), so a jitted function compiles once.
+    gets exactly `batch_size` windows (the last batch is padded with zeros), so a jitted function compiles once. It
+    may return a not-yet-computed jax array: `fetch` (to numpy) is called one batch later, so the host cuts the next
+    windows and adds up the last logits while the device computes.
     """
     patch_size = tuple(int(p) for p in patch_size)
     spatial = volume.shape[:-1]
@@ -57,16 +59,24 @@ def sliding_window_inference(predict_fn: Callable[[np.ndarray], np.ndarray], vol
     accumulated = np.zeros(padded_shape + (num_classes,), np.float32)
     normaliser = np.zeros(padded_shape, np.float32)
 
+    def accumulate(chunk, result):
+        logits = np.asarray(fetch(result), dtype=np.float32)
+        for i, start in enumerate(chunk):
+            region = tuple(slice(s, s + p) for s, p in zip(start, patch_size))
+            accumulated[region] += logits[i] * weights[..., None]
+            normaliser[region] += weights
+
+    pending = None
     for first in range(0, len(starts), batch_size):
         chunk = starts[first:first + batch_size]
         windows = np.zeros((batch_size,) + patch_size + (volume.shape[-1],), np.float32)
         for i, start in enumerate(chunk):
             windows[i] = padded[tuple(slice(s, s + p) for s, p in zip(start, patch_size))]
-        logits = np.asarray(predict_fn(windows), dtype=np.float32)
-        for i, start in enumerate(chunk):
-            region = tuple(slice(s, s + p) for s, p in zip(start, patch_size))
-            accumulated[region] += logits[i] * weights[..., None]
-            normaliser[region] += weights
+        result = predict_fn(windows)
+        if pending is not None:
+            accumulate(*pending)
+        pending = (chunk, result)
+    accumulate(*pending)
 
     result = accumulated / normaliser[..., None]
     crop = tuple(slice(before, before + s) for (before, _), s in zip(pad, spatial))

@@ -60,7 +60,7 @@ def export_validation(store: Store, run: runs.RunDir, case: ValCase, logits: np.
     saves them: the out-of-fold probabilities that ensembles of trials average."""
     meta = store.cases[case.case_id]
     prediction = logits_to_original(logits, meta["crop_box"], meta["canonical_shape"], regions,
-                                    with_probabilities=save_probabilities)
+                                    with_probabilities=save_probabilities, plan=store.plan, spacing=meta["spacing"])
     if save_probabilities:
         prediction, probs = prediction
         with fileio.atomic_path(run.validation_dir / f"{case.case_id}.npz", suffix=".npz") as tmp:

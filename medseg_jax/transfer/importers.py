@@ -9,6 +9,7 @@ never overwritten.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -17,8 +18,11 @@ import ml_collections
 import numpy as np
 
 from medseg_jax import fileio, runs
+from medseg_jax.data.preprocess import NNUNET_RESAMPLING
 from medseg_jax.errors import MedsegError
 from medseg_jax.experiments.base import get_config as base_config
+
+log = logging.getLogger(__name__)
 
 _NNUNET_NORMALIZATION = {"CTNormalization": "ct", "ZScoreNormalization": "zscore", "NoNormalization": "none",
                          "RescaleTo01Normalization": "rescale01"}
@@ -57,12 +61,48 @@ def nnunet_axis_permutation(plans: dict) -> list[int]:
     return [2 - forward[a] for a in range(3)]
 
 
+_NNUNET_RESAMPLING_FN = "resample_data_or_seg_to_shape"  # nnU-Net's default, reproduced by preprocess.resample
+# nnU-Net readers that reorient to RAS as we do; the others (SimpleITKIO, NibabelIO) keep the file's voxel order.
+_NNUNET_RAS_READERS = ("NibabelIOWithReorient",)
+
+
+def _configuration(plans: dict, configuration: str) -> dict:
+    """An nnU-Net configuration with what it inherits (nnU-Net's PlansManager resolves `inherits_from` the same way)."""
+    conf = dict(plans["configurations"][configuration])
+    while "inherits_from" in conf:
+        parent = conf.pop("inherits_from")
+        conf = {**plans["configurations"][parent], **conf}
+    return conf
+
+
+def nnunet_resampling(conf: dict, source: str) -> dict:
+    """Our plan's `resampling` entry from an nnU-Net configuration's resampling functions and their kwargs."""
+    data = dict(conf.get("resampling_fn_data_kwargs") or {})
+    probabilities = dict(conf.get("resampling_fn_probabilities_kwargs") or {})
+    for key in ("resampling_fn_data", "resampling_fn_probabilities"):
+        name = conf.get(key, _NNUNET_RESAMPLING_FN)
+        if name != _NNUNET_RESAMPLING_FN:
+            log.warning("%s: %s is %s; resampling as %s (separate z by the same rule, orders may differ)", source,
+                        key, name, _NNUNET_RESAMPLING_FN)
+    default = NNUNET_RESAMPLING
+    threshold = data.get("separate_z_anisotropy_threshold", default["anisotropy_threshold"])
+    return {"scheme": "nnunet", "order": int(data.get("order", default["order"])),
+            "order_z": int(data.get("order_z", default["order_z"])),
+            "probabilities_order": int(probabilities.get("order", default["probabilities_order"])),
+            "probabilities_order_z": int(probabilities.get("order_z", default["probabilities_order_z"])),
+            "anisotropy_threshold": float(threshold), "force_separate_z": data.get("force_separate_z")}
+
+
+def nnunet_mirror_axes(allowed, permutation: list[int]) -> tuple[int, ...]:
+    """Our `infer.mirror_axes` from a checkpoint's `inference_allowed_mirroring_axes` (network axes; None: nnU-Net
+    does not mirror): network axis a is our canonical axis permutation[a]."""
+    return tuple(sorted(permutation[int(a)] for a in allowed)) if allowed else ()
+
+
 def nnunet_plans_to_ours(model, permutation: list[int]) -> tuple[dict, list[int], int]:
     """(our plans.json, our patch size, batch size) from an nnU-Net configuration."""
     plans, dataset_json = model.plans, model.dataset_json
-    conf = dict(plans["configurations"][model.configuration])
-    while "inherits_from" in conf and "spacing" not in conf:
-        conf = {**plans["configurations"][conf.pop("inherits_from")], **conf}
+    conf = _configuration(plans, model.configuration)
     spacing_network, patch_network = conf["spacing"], conf["patch_size"]
     spacing, patch = [0.0] * 3, [0] * 3
     for network_axis, our_axis in enumerate(permutation):
@@ -81,8 +121,8 @@ def nnunet_plans_to_ours(model, permutation: list[int]) -> tuple[dict, list[int]
             stats = intensity[str(channel)]
             normalization.append({"scheme": "ct", "clip": [stats["percentile_00_5"], stats["percentile_99_5"]],
                                   "mean": stats["mean"], "std": max(stats["std"], 1e-8)})
-        elif scheme == "zscore":
-            normalization.append({"scheme": "zscore", "mask": "nonzero" if masks[channel] else "all"})
+        elif scheme == "zscore":  # use_mask_for_norm: the (hole-filled) nonzero region of all channels
+            normalization.append({"scheme": "zscore", "mask": "nonzero_region" if masks[channel] else "all"})
         else:
             normalization.append({"scheme": scheme})
     labels = {int(v): k for k, v in dataset_json["labels"].items()}
@@ -96,6 +136,7 @@ def nnunet_plans_to_ours(model, permutation: list[int]) -> tuple[dict, list[int]
         "crop": "nonzero",
         "image_resampling": "cubic",
         "label_resampling": "linear",
+        "resampling": nnunet_resampling(conf, model.source),
         "chunk_shape": [32, 32, 32],
         "median_shape_after_resampling": [],
     }
@@ -119,11 +160,19 @@ def import_nnunet(path, out, fold=None, checkpoint_name: str = "checkpoint_final
     config.train.patch_size = tuple(patch)
     config.train.batch_size = batch
     config.data.target_spacing = tuple(plans["target_spacing"])
+    config.infer.mirror_axes = nnunet_mirror_axes(model.mirror_axes, permutation)
+    reader = str(model.plans.get("image_reader_writer", "SimpleITKIO"))
+    note = ("network axis a reads our canonical axis axis_permutation[a]; preprocessing, resampling (plans.json "
+            "'resampling') and test-time mirroring (config infer.mirror_axes) follow nnU-Net's")
+    if reader not in _NNUNET_RAS_READERS:
+        # nnU-Net then sees each file in its stored voxel order, we in RAS order: the same only for RAS-stored files.
+        note += (f"; nnU-Net read its images with {reader} (the file's own voxel order), medseg reorients to RAS: "
+                 "scans not stored in RAS order reach the network flipped or transposed relative to nnU-Net")
+        log.warning("%s: nnU-Net's %s keeps each file's voxel order, medseg reorients scans to RAS; predictions "
+                    "equal nnU-Net's for RAS-stored scans", model.source, reader)
     source = {"kind": "nnunet", "path": str(Path(path).absolute()), "checkpoint": model.source,
               "configuration": model.configuration, "fold": model.fold,
-              "axis_permutation": permutation,
-              "note": "network axis a reads our canonical axis axis_permutation[a]; nnU-Net's own resampling "
-                      "(separate-z for anisotropic data) and test-time mirroring are not reproduced"}
+              "axis_permutation": permutation, "image_reader_writer": reader, "note": note}
     # build_model wraps the network in AxisPermuted, whose params sit under "net".
     _write_run(out, config, plans, {"net": model.params}, source,
                {"nnunet_plans.json": model.plans, "nnunet_dataset.json": model.dataset_json})

@@ -38,6 +38,7 @@ class NnUNetModel:
     configuration: str
     fold: Any
     source: str
+    mirror_axes: tuple[int, ...] | None = None  # the checkpoint's inference_allowed_mirroring_axes (network axes)
 
     @property
     def variables(self) -> dict:
@@ -311,9 +312,11 @@ def read_nnunet(path: str | Path, fold=None, checkpoint_name: str = "checkpoint_
     weights = {k[len("_orig_mod."):] if k.startswith("_orig_mod.") else k: v for k, v in weights.items()}  # compile
     channels = dataset_json.get("channel_names") or dataset_json.get("modality") or {"0": "?"}
     params = convert(weights, module, len(channels), source)
+    allowed = checkpoint.get("inference_allowed_mirroring_axes")
     return NnUNetModel(module=module, params=params, model_config=model_config, plans=plans,
                        dataset_json=dataset_json, configuration=configuration,
-                       fold=init_args.get("fold", fold), source=source)
+                       fold=init_args.get("fold", fold), source=source,
+                       mirror_axes=None if allowed is None else tuple(int(a) for a in allowed))
 
 
 def load_nnunet(path: str | Path, fold=None, checkpoint_name: str = "checkpoint_final.pth"):

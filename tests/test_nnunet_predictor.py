@@ -1,0 +1,185 @@
+"""`medseg import nnunet` + `medseg predict` against nnU-Net v2's own nnUNetPredictor on the same scans.
+
+The test writes an nnU-Net v2 result folder itself (plans.json, dataset.json, fold_0/checkpoint_final.pth in nnU-Net's
+checkpoint format, the network built by nnU-Net's `get_network_from_plans` from a fixed torch seed), with an anisotropic
+target spacing (separate-z resampling both ways), a transpose_forward that is not the identity, a CT channel and a
+z-scored channel normalised inside the nonzero region, and reads scans stored in a non-RAS orientation with a slight
+rotation through NibabelIOWithReorient. Two cases: one larger than the patch, one smaller (padded) along two axes.
+"""
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import scipy.ndimage
+
+torch = pytest.importorskip("torch", reason="torch is a test extra (make test installs it)")
+predict_from_raw_data = pytest.importorskip(
+    "nnunetv2.inference.predict_from_raw_data", reason="nnunetv2 is a test extra (make test installs it)")
+
+from medseg_jax import predict as predict_lib  # noqa: E402
+from medseg_jax.transfer.importers import import_nnunet  # noqa: E402
+
+AGREEMENT = 0.999  # voxels with the same label as nnU-Net's
+# nnU-Net's network axes are (z, x, y) here: it reads (z, y, x) and transpose_forward [0, 2, 1] swaps the last two.
+TRANSPOSE = [0, 2, 1]
+SPACING = (0.8, 0.9, 3.0)  # the scans', mm per canonical (RAS) axis
+TARGET = {"x": 1.1, "y": 1.0, "z": 2.5}  # 3.0 / 0.8 > 3: the scans are anisotropic, resampled with separate z
+CASES = {"big": (40, 48, 20), "small": (30, 36, 12)}  # canonical shapes; "small" is under the patch in x and z
+LABELS = {"background": 0, "liver": 1, "lesion": 2}
+
+
+def network_order(by_axis: dict) -> list:
+    return [by_axis[a] for a in "zxy"]
+
+
+def nnunet_plans() -> tuple[dict, dict]:
+    arch = {
+        "n_stages": 3, "features_per_stage": [4, 8, 8], "conv_op": "torch.nn.modules.conv.Conv3d",
+        "kernel_sizes": [[1, 3, 3], [3, 3, 3], [3, 3, 3]], "strides": [[1, 1, 1], [1, 2, 2], [2, 2, 2]],
+        "n_conv_per_stage": [2, 2, 2], "n_conv_per_stage_decoder": [1, 1], "conv_bias": True,
+        "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d", "norm_op_kwargs": {"eps": 1e-05, "affine": True},
+        "dropout_op": None, "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU",
+        "nonlin_kwargs": {"inplace": True},
+    }
+    configuration = {
+        "data_identifier": "nnUNetPlans_3d_fullres", "preprocessor_name": "DefaultPreprocessor", "batch_size": 2,
+        "patch_size": network_order({"z": 16, "x": 24, "y": 32}), "median_image_size_in_voxels": [24, 29, 43],
+        "spacing": network_order(TARGET), "normalization_schemes": ["CTNormalization", "ZScoreNormalization"],
+        "use_mask_for_norm": [False, True],
+        "resampling_fn_data": "resample_data_or_seg_to_shape",
+        "resampling_fn_seg": "resample_data_or_seg_to_shape",
+        "resampling_fn_data_kwargs": {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None},
+        "resampling_fn_seg_kwargs": {"is_seg": True, "order": 1, "order_z": 0, "force_separate_z": None},
+        "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
+        "resampling_fn_probabilities_kwargs": {"is_seg": False, "order": 1, "order_z": 0, "force_separate_z": None},
+        "architecture": {"network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+                         "arch_kwargs": arch, "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]},
+        "batch_dice": False,
+    }
+    plans = {
+        "dataset_name": "Dataset998_Fidelity", "plans_name": "nnUNetPlans",
+        "original_median_spacing_after_transp": network_order({"x": 0.8, "y": 0.9, "z": 3.0}),
+        "original_median_shape_after_transp": [20, 40, 48], "image_reader_writer": "NibabelIOWithReorient",
+        "transpose_forward": TRANSPOSE, "transpose_backward": TRANSPOSE,
+        "configurations": {"3d_fullres": configuration},
+        "experiment_planner_used": "ExperimentPlanner", "label_manager": "LabelManager",
+        "foreground_intensity_properties_per_channel": {
+            "0": {"mean": 90.0, "std": 45.0, "percentile_00_5": -40.0, "percentile_99_5": 210.0, "median": 90.0,
+                  "min": -100.0, "max": 300.0},
+            "1": {"mean": 300.0, "std": 80.0, "percentile_00_5": 100.0, "percentile_99_5": 500.0, "median": 300.0,
+                  "min": 0.0, "max": 600.0}},
+    }
+    dataset = {"channel_names": {"0": "CT", "1": "T2"}, "labels": LABELS, "numTraining": 2,
+               "file_ending": ".nii.gz", "overwrite_image_reader_writer": "NibabelIOWithReorient"}
+    return plans, dataset
+
+
+def write_result_folder(root) -> None:
+    """An nnU-Net v2 result folder with a randomly initialised network whose argmax shows every class."""
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+    plans, dataset = nnunet_plans()
+    architecture = plans["configurations"]["3d_fullres"]["architecture"]
+    torch.manual_seed(0)
+    network = get_network_from_plans(architecture["network_class_name"], architecture["arch_kwargs"],
+                                     architecture["_kw_requires_import"], 2, len(LABELS), deep_supervision=True)
+    with torch.no_grad():  # He-initialised heads give near-constant logits; louder ones give every class some room
+        head = network.decoder.seg_layers[-1]
+        head.weight.mul_(8.0)
+        head.bias.copy_(torch.tensor([0.0, 0.0, -1.0]))
+    fold = root / "fold_0"
+    fold.mkdir(parents=True)
+    (root / "plans.json").write_text(json.dumps(plans))
+    (root / "dataset.json").write_text(json.dumps(dataset))
+    torch.save({"network_weights": network.state_dict(), "trainer_name": "nnUNetTrainer", "current_epoch": 1,
+                "init_args": {"plans": plans, "configuration": "3d_fullres", "fold": 0, "dataset_json": dataset},
+                "inference_allowed_mirroring_axes": (0, 1, 2)}, fold / "checkpoint_final.pth")
+
+
+def write_scans(folder, seed=0) -> None:
+    """Two-channel scans: smooth tissue inside an ellipsoidal body (zero outside), brighter blobs; stored in PSR-like
+    voxel order (axes swapped and flipped) with a 7 degree rotation about z and an offset origin."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True)
+    for name, shape in CASES.items():
+        grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij"), axis=-1)
+        body = (grid ** 2 / np.array([0.9, 0.85, 0.95]) ** 2).sum(-1) < 1
+        tissue = scipy.ndimage.gaussian_filter(rng.normal(size=shape), (3, 3, 1))
+        tissue /= tissue.std()
+        blobs = np.zeros(shape)
+        for _ in range(4):
+            centre = rng.uniform(-0.5, 0.5, 3)
+            blobs += np.exp(-((grid - centre) ** 2 / np.array([0.08, 0.08, 0.15])).sum(-1))
+        ct = np.where(body, 60 + 25 * tissue + 120 * blobs, 0)
+        t2 = np.where(body, 300 + 60 * tissue - 150 * blobs, 0)
+        angle = np.deg2rad(7.0)
+        rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+        ras = np.eye(4)
+        ras[:3, :3] = rotation @ np.diag(SPACING)
+        ras[:3, 3] = [-12.0, 30.5, -7.25]
+        stored_order = [[1, -1], [0, 1], [2, -1]]  # file axis 0 is canonical y (flipped), 1 is x, 2 is z (flipped)
+        for channel, values in enumerate((ct, t2)):
+            image = nib.Nifti1Image(values.astype(np.float32), ras).as_reoriented(stored_order)
+            nib.save(image, folder / f"{name}_{channel:04d}.nii.gz")
+
+
+def nnunet_predict(result_folder, scans, out, mirroring: bool) -> None:
+    from nnunetv2.imageio.nibabel_reader_writer import NibabelIOWithReorient
+
+    predictor = predict_from_raw_data.nnUNetPredictor(tile_step_size=0.5, use_gaussian=True,
+                                                      use_mirroring=mirroring, perform_everything_on_device=False,
+                                                      device=torch.device("cpu"), verbose=False,
+                                                      allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(str(result_folder), use_folds=(0,))
+    out.mkdir(parents=True)
+    reader = NibabelIOWithReorient()
+    for name in CASES:
+        image, properties = reader.read_images([str(scans / f"{name}_{c:04d}.nii.gz") for c in range(2)])
+        predictor.predict_single_npy_array(image, properties, None, str(out / name), False)
+
+
+def agreement(ours_folder, theirs_folder) -> dict:
+    result = {}
+    for name in CASES:
+        ours, theirs = nib.load(ours_folder / f"{name}.nii.gz"), nib.load(theirs_folder / f"{name}.nii.gz")
+        assert ours.shape == theirs.shape
+        np.testing.assert_allclose(ours.affine, theirs.affine, atol=1e-4)
+        a, b = np.asarray(ours.dataobj), np.asarray(theirs.dataobj)
+        classes = np.unique(b)
+        assert len(classes) > 1 and set(classes) - {0}, f"{name}: nnU-Net predicts only {classes}"
+        result[name] = float(np.mean(a == b))
+    return result
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("nnunet")
+    write_result_folder(root / "results")
+    write_scans(root / "scans")
+    import_nnunet(root / "results", root / "run")
+    return root
+
+
+def test_import_writes_nnunet_resampling_normalisation_and_mirroring(imported):
+    plans = json.loads((imported / "run" / "plans.json").read_text())
+    config = json.loads((imported / "run" / "config.json").read_text())
+    assert plans["resampling"] == {"scheme": "nnunet", "order": 3, "order_z": 0, "probabilities_order": 1,
+                                   "probabilities_order_z": 0, "anisotropy_threshold": 3.0, "force_separate_z": None}
+    assert plans["target_spacing"] == [TARGET[a] for a in "xyz"]
+    assert plans["normalization"][1] == {"scheme": "zscore", "mask": "nonzero_region"}
+    assert config["model"]["axis_permutation"] == [2, 0, 1]  # network (z, x, y) reads our axes 2, 0, 1
+    assert config["train"]["patch_size"] == [24, 32, 16]
+    assert config["infer"]["mirror_axes"] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("mirroring", [False, True], ids=["plain", "mirrored"])
+def test_predictions_equal_nnunet_predictor(imported, mirroring):
+    tag = "mirrored" if mirroring else "plain"
+    theirs, ours = imported / f"nnunet_{tag}", imported / f"medseg_{tag}"
+    nnunet_predict(imported / "results", imported / "scans", theirs, mirroring)
+    predict_lib.predict(imported / "run", imported / "scans", ours, checkpoint="latest",
+                        mirror_axes=None if mirroring else ())
+    equal = agreement(ours, theirs)
+    assert min(equal.values()) >= AGREEMENT, equal
