@@ -389,7 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
     tta = p.add_mutually_exclusive_group()
     tta.add_argument("--disable-tta", action="store_true", help="no mirror test-time augmentation (8x faster for 3 "
                                                                 "axes)")
-    tta.add_argument("--mirror-axes", help="patch axes to mirror, e.g. 0,1 (default: each model's infer.mirror_axes)")
+    tta.add_argument("--mirror-axes", help="patch axes to mirror, e.g. 0,1, even ones training did not mirror "
+                                           "(default: each model's infer.mirror_axes among those its augmentation "
+                                           "mirrored)")
     p.add_argument("--postprocessing", help="JSON of postprocessing rules, or an inference plan whose rules to apply")
     p.add_argument("--save-probabilities", action="store_true",
                    help="also write CASE.npz: per-class probabilities (float16), for `medseg ensemble`")

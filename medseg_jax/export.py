@@ -26,7 +26,7 @@ import numpy as np
 from medseg_jax import fileio
 from medseg_jax.errors import MedsegError
 from medseg_jax.infer.postprocess import check_rules
-from medseg_jax.predict import EXPORT_KIND, EXPORT_MANIFEST, RunMember, read_plan
+from medseg_jax.predict import EXPORT_KIND, EXPORT_MANIFEST, RunMember, configured_mirror_axes, read_plan
 
 FORMAT_VERSION = 1
 PLATFORMS = ("cpu", "cuda")
@@ -84,7 +84,7 @@ def export_model(run_dirs: Sequence[str | Path] = (), out: str | Path = "", *, p
         forward_name, params_name = f"member_{index}.jaxexport", f"member_{index}_params.npz"
         (tmp / forward_name).write_bytes(blob)
         np.savez(tmp / params_name, **{f"p{i:05d}": leaf for i, leaf in enumerate(leaves)})
-        configured = member.config.infer.get("mirror_axes", (0, 1, 2))
+        configured = configured_mirror_axes(member.config)
         entries.append({
             "name": member.name, "source_run": str(member.path.resolve()), "checkpoint": checkpoint,
             "forward": forward_name, "params": params_name, "plans": member.plans, "regions": member.regions,

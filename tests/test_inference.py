@@ -72,6 +72,19 @@ def test_mirror_axes_config_is_checked():
     assert tuple(check(load_config(demo, ["--config.infer.mirror_axes="])).infer.mirror_axes) == ()
 
 
+def test_runs_mirror_only_the_axes_their_training_mirrored(two_runs):
+    from medseg_jax.predict import RunMember, configured_mirror_axes
+
+    first, _ = two_runs
+    assert RunMember(first, "latest").mirror_axes == ()  # the tiny runs train with the "intensity" preset
+    assert RunMember(first, "latest", mirror_axes=(0, 2)).mirror_axes == (0, 2)  # asked for explicitly
+    config = tiny_config()
+    config.augment.p_mirror, config.augment.mirror_axes = 0.5, (0, 2)
+    assert configured_mirror_axes(config) == (0, 2)
+    config.infer.mirror_axes = (1, 2)
+    assert configured_mirror_axes(config) == (2,)
+
+
 # --- ensembles, probabilities, medseg ensemble ----------------------------------------------------------------------
 
 def test_ensemble_of_runs_averages_their_saved_probabilities(two_runs, tiny_dataset, tmp_path):
@@ -154,7 +167,7 @@ def test_exported_model_predicts_like_its_run_without_the_model_code(two_runs, t
     manifest = json.loads((tmp_path / "model" / "model.json").read_text())
     assert manifest["platforms"] == ["cpu", "cuda"] and manifest["jax_version"] == jax.__version__
     inputs = tiny_dataset / "imagesTs"
-    for tta, flag in (("mirror", []), ("none", ["--disable-tta"])):
+    for tta, flag, axes in (("mirror", ["--mirror-axes", "0,1,2"], (0, 1, 2)), ("none", ["--disable-tta"], ())):
         assert main(["predict", "--run", str(first), "--input", str(inputs), "--output", str(tmp_path / f"run-{tta}"),
                      *flag]) == 0
         # predicted in a fresh interpreter that must never import the model code (or flax)
@@ -162,7 +175,7 @@ def test_exported_model_predicts_like_its_run_without_the_model_code(two_runs, t
             "import sys, json\n"
             "from medseg_jax.predict import predict\n"
             f"predict(model={str(tmp_path / 'model')!r}, input_path={str(inputs)!r}, "
-            f"output_dir={str(tmp_path / f'model-{tta}')!r}, mirror_axes={() if flag else None})\n"
+            f"output_dir={str(tmp_path / f'model-{tta}')!r}, mirror_axes={axes})\n"
             "print(json.dumps(sorted(m for m in sys.modules if m.startswith(('medseg_jax.models', 'flax')))))\n")
         proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]

@@ -74,8 +74,9 @@ def get_config(model: str = "plain_unet") -> ml_collections.ConfigDict:
     config.infer.overlap = 0.5
     config.infer.batch_size = 2
     # Mirror test-time augmentation for `medseg predict` (nnU-Net's): the logits of every combination of flips of
-    # these patch axes are averaged, in the same compiled call as the windows (8x the work for three axes);
-    # () turns it off; a 2D patch ignores axis 2. Validation during training does not mirror.
+    # these patch axes are averaged, in the same compiled call as the windows (8x the work for three axes). Only the
+    # axes the training augmentation mirrored are used (augment.mirror_axes when augment.p_mirror > 0), as nnU-Net's
+    # allowed mirroring axes; () turns it off; a 2D patch ignores axis 2. Validation during training does not mirror.
     config.infer.mirror_axes = (0, 1, 2)
 
     # Device mesh (medseg_jax/parallel/mesh.py); `--mesh data=2,space=4` on the command line sets the first two.

@@ -7,7 +7,7 @@ From the out-of-fold class probabilities (RUN/validation/CASE.npz) of every tria
    cross-validation Dice: the largest connected component of the foreground (mean Dice over classes), then per class
    either its largest component or the removal of components smaller than a share of the class's median reference
    volume (that class's mean Dice).
-The choice is written as DIR/inference_plan.json, which `medseg predict --run DIR/inference_plan.json` reads: every
+The choice is written as DIR/inference_plan.json, which `medseg predict --plan DIR/inference_plan.json` reads: every
 fold run of the chosen trials predicts, their probabilities are averaged, and the postprocessing applied.
 """
 
