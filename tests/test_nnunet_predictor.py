@@ -19,6 +19,7 @@ predict_from_raw_data = pytest.importorskip(
     "nnunetv2.inference.predict_from_raw_data", reason="nnunetv2 is a test extra (make test installs it)")
 
 from medseg_jax import predict as predict_lib  # noqa: E402
+from medseg_jax.data import preprocess  # noqa: E402
 from medseg_jax.transfer.importers import import_nnunet  # noqa: E402
 
 AGREEMENT = 0.999  # voxels with the same label as nnU-Net's
@@ -28,6 +29,7 @@ SPACING = (0.8, 0.9, 3.0)  # the scans', mm per canonical (RAS) axis
 TARGET = {"x": 1.1, "y": 1.0, "z": 2.5}  # 3.0 / 0.8 > 3: the scans are anisotropic, resampled with separate z
 CASES = {"big": (40, 48, 20), "small": (30, 36, 12)}  # canonical shapes; "small" is under the patch in x and z
 LABELS = {"background": 0, "liver": 1, "lesion": 2}
+MIRRORED_NETWORK_AXES = (1, 2)  # nnU-Net's x and y: our axes 0 and 1, so a wrong axis map would show
 
 
 def network_order(by_axis: dict) -> list:
@@ -95,7 +97,7 @@ def write_result_folder(root) -> None:
     (root / "dataset.json").write_text(json.dumps(dataset))
     torch.save({"network_weights": network.state_dict(), "trainer_name": "nnUNetTrainer", "current_epoch": 1,
                 "init_args": {"plans": plans, "configuration": "3d_fullres", "fold": 0, "dataset_json": dataset},
-                "inference_allowed_mirroring_axes": (0, 1, 2)}, fold / "checkpoint_final.pth")
+                "inference_allowed_mirroring_axes": MIRRORED_NETWORK_AXES}, fold / "checkpoint_final.pth")
 
 
 def write_scans(folder, seed=0) -> None:
@@ -153,6 +155,57 @@ def agreement(ours_folder, theirs_folder) -> dict:
     return result
 
 
+@pytest.mark.parametrize("spacing, target", [
+    ((0.8, 0.9, 3.0), (1.1, 1.0, 2.5)),  # the scan anisotropic: separate z by its coarsest axis
+    ((1.0, 1.2, 1.0), (0.9, 4.0, 1.1)),  # only the target anisotropic: its coarsest axis (y)
+    ((3.0, 3.0, 0.7), (2.0, 2.5, 0.8)),  # two coarse axes: no separate z
+    ((1.0, 1.1, 1.3), (1.4, 0.9, 1.0)),  # isotropic-ish: plain cubic / linear
+])
+@pytest.mark.parametrize("kind", ["data", "probabilities"])
+def test_resampling_equals_nnunets(spacing, target, kind):
+    from nnunetv2.preprocessing.resampling.default_resampling import (
+        determine_do_sep_z_and_axis,
+        resample_data_or_seg_to_shape,
+    )
+
+    rng = np.random.default_rng(1)
+    array = scipy.ndimage.gaussian_filter(rng.normal(size=(13, 11, 9, 2)), 1.0).astype(np.float32) * 50
+    new_shape = preprocess.resampled_shape(array.shape[:3], spacing, target, preprocess.NNUNET_RESAMPLING)
+    order = {"data": 3, "probabilities": 1}[kind]
+    theirs = resample_data_or_seg_to_shape(np.moveaxis(array, -1, 0), new_shape, spacing, target, is_seg=False,
+                                           order=order, order_z=0, force_separate_z=None)
+    ours = preprocess.resample(array, new_shape, spacing, target, preprocess.NNUNET_RESAMPLING, kind)
+    assert ours.dtype == array.dtype
+    np.testing.assert_allclose(ours, np.moveaxis(theirs, 0, -1), rtol=1e-6, atol=1e-5)
+    separate, axis = determine_do_sep_z_and_axis(None, spacing, target)
+    assert preprocess.separate_z_axis(spacing, target) == (axis if separate else None)
+
+
+def test_normalisation_equals_nnunets():
+    from nnunetv2.preprocessing.cropping.cropping import crop_to_nonzero
+    from nnunetv2.preprocessing.normalization.default_normalization_schemes import (
+        CTNormalization,
+        ZScoreNormalization,
+    )
+
+    plans, _ = nnunet_plans()
+    stats = plans["foreground_intensity_properties_per_channel"]
+    rng = np.random.default_rng(2)
+    image = rng.normal(200, 80, size=(20, 18, 10, 2)).astype(np.float32)
+    image[:3], image[:, -2:], image[5:8, 6:9, 4:6] = 0, 0, 0  # a zero border (cropped) and an enclosed hole
+    image[4:16, 3:5, :] = 0  # zero inside the crop box, outside the region
+    box = preprocess.nonzero_box(image)
+    data, seg, bbox = crop_to_nonzero(np.moveaxis(image, -1, 0).copy())
+    assert [list(b) for b in bbox] == box
+    theirs = np.stack([CTNormalization(False, stats["0"]).run(data[0].copy(), seg[0]),
+                       ZScoreNormalization(True, stats["1"]).run(data[1].copy(), seg[0])], axis=-1)
+    ct = stats["0"]
+    ours = preprocess.normalize(preprocess.crop(image, box), [
+        {"scheme": "ct", "clip": [ct["percentile_00_5"], ct["percentile_99_5"]], "mean": ct["mean"], "std": ct["std"]},
+        {"scheme": "zscore", "mask": "nonzero_region"}])
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def imported(tmp_path_factory):
     root = tmp_path_factory.mktemp("nnunet")
@@ -171,7 +224,7 @@ def test_import_writes_nnunet_resampling_normalisation_and_mirroring(imported):
     assert plans["normalization"][1] == {"scheme": "zscore", "mask": "nonzero_region"}
     assert config["model"]["axis_permutation"] == [2, 0, 1]  # network (z, x, y) reads our axes 2, 0, 1
     assert config["train"]["patch_size"] == [24, 32, 16]
-    assert config["infer"]["mirror_axes"] == [0, 1, 2]
+    assert config["infer"]["mirror_axes"] == config["augment"]["mirror_axes"] == [0, 1]
 
 
 @pytest.mark.parametrize("mirroring", [False, True], ids=["plain", "mirrored"])

@@ -204,7 +204,7 @@ def test_cli_import_then_predict(tmp_path):
     plans = json.loads((run / "plans.json").read_text())
     assert plans["target_spacing"] == [2.0, 2.0, 3.0]
     assert plans["normalization"][0] == {"scheme": "ct", "clip": [-20.0, 150.0], "mean": 80.0, "std": 30.0}
-    assert plans["normalization"][1] == {"scheme": "zscore", "mask": "nonzero"}
+    assert plans["normalization"][1] == {"scheme": "zscore", "mask": "nonzero_region"}  # nnU-Net's use_mask_for_norm
 
     again = medseg("import", "nnunet", folder, "--out", run)
     assert_clean_error(again, str(run), "already exists")

@@ -59,7 +59,7 @@ def _has_dicm_marker(path: Path) -> bool:
     return len(head) == 132 and head[128:132] == b"DICM"
 
 
-def _dicom_files(folder: Path) -> list[Path]:
+def dicom_files(folder: Path) -> list[Path]:
     """The folder's DICOM files, sorted by name: `*.dcm` (any case), and other files that carry the DICM marker.
 
     Hidden files, subfolders and a DICOMDIR index are skipped. Files named by their UID ("1.2.840....") have a
@@ -75,10 +75,10 @@ def _dicom_files(folder: Path) -> list[Path]:
 
 
 def is_dicom_series(path: str | os.PathLike) -> bool:
-    """True if `path` is a folder holding at least one DICOM file (see `_dicom_files`); never raises."""
+    """True if `path` is a folder holding at least one DICOM file (see `dicom_files`); never raises."""
     path = Path(path)
     try:
-        return path.is_dir() and bool(_dicom_files(path))
+        return path.is_dir() and bool(dicom_files(path))
     except OSError:
         return False
 
@@ -277,7 +277,7 @@ def read_series(folder: str | os.PathLike, dtype=np.float32) -> tuple[np.ndarray
     if not folder.is_dir():
         raise MedsegError(f"{folder}: is a file; expected a folder holding one DICOM series")
     try:
-        files = _dicom_files(folder)
+        files = dicom_files(folder)
     except OSError as error:
         raise MedsegError(f"{folder}: cannot list the folder ({short_error(error)})") from None
     if not files:
@@ -379,7 +379,7 @@ def write_series(folder: str | os.PathLike, volume: np.ndarray, affine: np.ndarr
     stored = _stored_values(volume, float(slope), float(intercept))
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"{folder} exists and is not a folder")
-    if folder.is_dir() and _dicom_files(folder):
+    if folder.is_dir() and dicom_files(folder):
         raise FileExistsError(f"{folder} already holds DICOM files; write each series to a new folder")
 
     if series_uid is None:

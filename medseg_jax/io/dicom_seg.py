@@ -36,7 +36,7 @@ from medseg_jax import __version__
 from medseg_jax.errors import MedsegError, short_error
 from medseg_jax.fileio import atomic_path
 from medseg_jax.io import geometry as geometry_lib
-from medseg_jax.io.dicom import _dicom_files, read_series
+from medseg_jax.io.dicom import dicom_files, read_series
 
 _SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 _LABEL_VALUE = re.compile(r"label value (\d+)")
@@ -53,12 +53,12 @@ _REQUIRED_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesIn
 def _series_headers(series_folder: Path, geometry: geometry_lib.Geometry) -> list[pydicom.Dataset]:
     """The series' headers in file voxel order k (increasing position along the slice normal).
 
-    The same files `read_series` read (`dicom._dicom_files` decides which files belong to a series folder), ordered by
+    The same files `read_series` read (`dicom.dicom_files` decides which files belong to a series folder), ordered by
     their position along `geometry`'s k axis, which is the normal `read_series` sorted them along.
     """
     inverse = np.linalg.inv(geometry.affine)
     headers, heights = [], []
-    for path in _dicom_files(series_folder):
+    for path in dicom_files(series_folder):
         # read_series has read each file already; force=True for those without the DICM marker, as it does.
         dataset = pydicom.dcmread(path, stop_before_pixels=True, force=True)
         for keyword in _REQUIRED_UIDS:

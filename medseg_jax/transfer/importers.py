@@ -160,7 +160,11 @@ def import_nnunet(path, out, fold=None, checkpoint_name: str = "checkpoint_final
     config.train.patch_size = tuple(patch)
     config.train.batch_size = batch
     config.data.target_spacing = tuple(plans["target_spacing"])
+    # nnU-Net mirrors the same axes in training augmentation and at inference; `medseg predict` uses the axes both
+    # keys allow.
     config.infer.mirror_axes = nnunet_mirror_axes(model.mirror_axes, permutation)
+    if config.infer.mirror_axes:
+        config.augment.mirror_axes = config.infer.mirror_axes
     reader = str(model.plans.get("image_reader_writer", "SimpleITKIO"))
     note = ("network axis a reads our canonical axis axis_permutation[a]; preprocessing, resampling (plans.json "
             "'resampling') and test-time mirroring (config infer.mirror_axes) follow nnU-Net's")
