@@ -39,7 +39,7 @@ from medseg_jax.infer.postprocess import (
 from medseg_jax.infer.sliding_window import sliding_window_inference
 from medseg_jax.infer.tta import mirrored
 from medseg_jax.io import datasets, nifti
-from medseg_jax.io.geometry import Geometry, from_canonical
+from medseg_jax.io.geometry import Geometry, from_canonical, to_canonical
 from medseg_jax.parallel import mesh as mesh_lib
 
 log = logging.getLogger(__name__)
@@ -91,11 +91,30 @@ class Member:
         return len(self.plans["normalization"])
 
     def logits(self, image: np.ndarray, spacing) -> tuple[np.ndarray, preprocess.Preprocessed]:
-        """Canonical image (X, Y, Z, C) -> (logits on the preprocessed grid, the preprocessing record)."""
+        """Image (X, Y, Z, C) -> (logits on the preprocessed grid, the preprocessing record)."""
         pre = preprocess.preprocess_case(image, spacing, self.plans)
         logits = sliding_window_inference(self.dispatch, pre.image, self.patch, self.num_outputs,
                                           overlap=self.overlap, batch_size=self.batch_size, fetch=self.fetch)
         return logits, pre
+
+    def on_scan(self, image: np.ndarray, geometry: Geometry, with_probabilities: bool):
+        """Canonical image -> its canonical label map, or its (X, Y, Z, K) probabilities.
+
+        A plan with "voxel_order": "file" (an nnU-Net model imported from a reader that keeps each file's voxel order,
+        as its default SimpleITKIO does) sees the scan in its file's voxel order and spacing, as it was trained."""
+        order = self.plans.get("voxel_order", "canonical")
+        if order not in ("canonical", "file"):
+            raise MedsegError(f"{self.name}: plans.json 'voxel_order' {order!r} is not canonical or file")
+        file_order = order == "file"
+        if file_order:
+            image, spacing = from_canonical(image, geometry), geometry.file_spacing()
+        else:
+            spacing = geometry.spacing
+        logits, pre = self.logits(image, spacing)
+        result = logits_to_original(logits, pre.crop_box, pre.canonical_shape, self.regions,
+                                    with_probabilities=with_probabilities, plan=self.plans, spacing=spacing)
+        result = result[1] if with_probabilities else result
+        return to_canonical(result, geometry) if file_order else result
 
 
 def _axes(mirror_axes, dims: int) -> tuple[int, ...]:
@@ -218,7 +237,7 @@ def read_export_manifest(model_dir: str | Path) -> dict:
 # --- models together ------------------------------------------------------------------------------------------------
 
 class Predictor:
-    """Members (one or more models) averaged, then postprocessed: `predict_case(image, spacing)`."""
+    """Members (one or more models) averaged, then postprocessed: `predict_case(image, geometry)`."""
 
     def __init__(self, members: list[Member], postprocessing: dict | None = None, source: str = "models"):
         first = members[0]
@@ -244,27 +263,20 @@ class Predictor:
     def label_names(self) -> dict[int, str]:
         return {int(k): str(v) for k, v in self.plans["labels"].items()}
 
-    def predict_case(self, image: np.ndarray, spacing, with_probabilities: bool = False):
-        """Canonical image (X, Y, Z, C) -> (canonical label map, float32 probabilities (X, Y, Z, K) or None)."""
+    def predict_case(self, image: np.ndarray, geometry: Geometry, with_probabilities: bool = False):
+        """Canonical image (X, Y, Z, C) and its geometry -> (canonical label map, float32 probabilities (X, Y, Z, K)
+        or None)."""
         if len(self.members) == 1 and not with_probabilities:
             # argmax of the logits on the scan's grid, as before ensembles existed (bit-identical predictions)
-            logits, pre = self.members[0].logits(image, spacing)
-            labels = logits_to_original(logits, pre.crop_box, pre.canonical_shape, self.regions,
-                                        plan=self.members[0].plans, spacing=spacing)
-            return postprocess(labels, self.rules, spacing), None
+            labels = self.members[0].on_scan(image, geometry, with_probabilities=False)
+            return postprocess(labels, self.rules, geometry.spacing), None
         total = None
         for member in self.members:
-            logits, pre = member.logits(image, spacing)
-            _, probabilities = logits_to_original(logits, pre.crop_box, pre.canonical_shape, member.regions,
-                                                  with_probabilities=True, plan=member.plans, spacing=spacing)
-            probabilities = probabilities.astype(np.float32)
+            probabilities = member.on_scan(image, geometry, with_probabilities=True).astype(np.float32)
             total = probabilities if total is None else total + probabilities
         mean = total / len(self.members)
         labels = labels_of_probabilities(mean, self.regions)
-        return postprocess(labels.astype(label_dtype(labels)), self.rules, spacing), mean
-
-    def predict_array(self, image: np.ndarray, spacing) -> np.ndarray:
-        return self.predict_case(image, spacing)[0]
+        return postprocess(labels.astype(label_dtype(labels)), self.rules, geometry.spacing), mean
 
 
 def _read_json(path: Path, what: str) -> dict:
@@ -493,7 +505,7 @@ def predict(run_dir=(), input_path=None, output_dir=None, *, overwrite: bool = F
             if index + 1 < len(todo):
                 reads.append(reader.submit(nifti.read_images, todo[index + 1][1]))
             reads[index] = None  # (the image is ours now; let the reader's copy go)
-            labels, probabilities = predictor.predict_case(image, geometry.spacing, save_probabilities)
+            labels, probabilities = predictor.predict_case(image, geometry, save_probabilities)
             if pending_write is not None:
                 written.append(pending_write.result())
             pending_write = writer.submit(write, case_id, paths, labels, probabilities, geometry)
@@ -562,8 +574,6 @@ def ensemble(folders: Sequence[str | Path], output_dir: str | Path, *, postproce
                 raise MedsegError(f"{folder / (case_id + '.npz')}: other labels or grid than in {folders[0]}")
             total = probabilities if total is None else total + probabilities
             geometry = geometry or case_geometry
-        from medseg_jax.io.geometry import to_canonical
-
         mean = to_canonical(total / len(folders), geometry)
         labels = labels_of_probabilities(mean, first_labels[1])
         labels = postprocess(labels.astype(label_dtype(labels)), postprocessing, geometry.spacing)

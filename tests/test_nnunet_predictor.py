@@ -4,7 +4,8 @@ The test writes an nnU-Net v2 result folder itself (plans.json, dataset.json, fo
 checkpoint format, the network built by nnU-Net's `get_network_from_plans` from a fixed torch seed), with an anisotropic
 target spacing (separate-z resampling both ways), a transpose_forward that is not the identity, a CT channel and a
 z-scored channel normalised inside the nonzero region, and reads scans stored in a non-RAS orientation with a slight
-rotation through NibabelIOWithReorient. Two cases: one larger than the patch, one smaller (padded) along two axes.
+rotation, through NibabelIOWithReorient (reoriented to RAS, as medseg does) and SimpleITKIO (nnU-Net's default: each
+file's stored voxel order). Two cases: one larger than the patch, one smaller (padded) along two axes.
 """
 
 import json
@@ -36,7 +37,7 @@ def network_order(by_axis: dict) -> list:
     return [by_axis[a] for a in "zxy"]
 
 
-def nnunet_plans() -> tuple[dict, dict]:
+def nnunet_plans(reader: str = "NibabelIOWithReorient") -> tuple[dict, dict]:
     arch = {
         "n_stages": 3, "features_per_stage": [4, 8, 8], "conv_op": "torch.nn.modules.conv.Conv3d",
         "kernel_sizes": [[1, 3, 3], [3, 3, 3], [3, 3, 3]], "strides": [[1, 1, 1], [1, 2, 2], [2, 2, 2]],
@@ -63,7 +64,7 @@ def nnunet_plans() -> tuple[dict, dict]:
     plans = {
         "dataset_name": "Dataset998_Fidelity", "plans_name": "nnUNetPlans",
         "original_median_spacing_after_transp": network_order({"x": 0.8, "y": 0.9, "z": 3.0}),
-        "original_median_shape_after_transp": [20, 40, 48], "image_reader_writer": "NibabelIOWithReorient",
+        "original_median_shape_after_transp": [20, 40, 48], "image_reader_writer": reader,
         "transpose_forward": TRANSPOSE, "transpose_backward": TRANSPOSE,
         "configurations": {"3d_fullres": configuration},
         "experiment_planner_used": "ExperimentPlanner", "label_manager": "LabelManager",
@@ -74,15 +75,15 @@ def nnunet_plans() -> tuple[dict, dict]:
                   "min": 0.0, "max": 600.0}},
     }
     dataset = {"channel_names": {"0": "CT", "1": "T2"}, "labels": LABELS, "numTraining": 2,
-               "file_ending": ".nii.gz", "overwrite_image_reader_writer": "NibabelIOWithReorient"}
+               "file_ending": ".nii.gz", "overwrite_image_reader_writer": reader}
     return plans, dataset
 
 
-def write_result_folder(root) -> None:
+def write_result_folder(root, reader: str = "NibabelIOWithReorient") -> None:
     """An nnU-Net v2 result folder with a randomly initialised network whose argmax shows every class."""
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
-    plans, dataset = nnunet_plans()
+    plans, dataset = nnunet_plans(reader)
     architecture = plans["configurations"]["3d_fullres"]["architecture"]
     torch.manual_seed(0)
     network = get_network_from_plans(architecture["network_class_name"], architecture["arch_kwargs"],
@@ -127,8 +128,9 @@ def write_scans(folder, seed=0) -> None:
             nib.save(image, folder / f"{name}_{channel:04d}.nii.gz")
 
 
-def nnunet_predict(result_folder, scans, out, mirroring: bool) -> None:
+def nnunet_predict(result_folder, scans, out, mirroring: bool, reader_name: str) -> None:
     from nnunetv2.imageio.nibabel_reader_writer import NibabelIOWithReorient
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
 
     predictor = predict_from_raw_data.nnUNetPredictor(tile_step_size=0.5, use_gaussian=True,
                                                       use_mirroring=mirroring, perform_everything_on_device=False,
@@ -136,7 +138,7 @@ def nnunet_predict(result_folder, scans, out, mirroring: bool) -> None:
                                                       allow_tqdm=False)
     predictor.initialize_from_trained_model_folder(str(result_folder), use_folds=(0,))
     out.mkdir(parents=True)
-    reader = NibabelIOWithReorient()
+    reader = {"NibabelIOWithReorient": NibabelIOWithReorient, "SimpleITKIO": SimpleITKIO}[reader_name]()
     for name in CASES:
         image, properties = reader.read_images([str(scans / f"{name}_{c:04d}.nii.gz") for c in range(2)])
         predictor.predict_single_npy_array(image, properties, None, str(out / name), False)
@@ -206,16 +208,19 @@ def test_normalisation_equals_nnunets():
     np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
 
 
-@pytest.fixture(scope="module")
-def imported(tmp_path_factory):
+# NibabelIOWithReorient reorients to RAS as we do; SimpleITKIO, nnU-Net's default, keeps each file's voxel order
+# (the scans here are not stored in RAS order, so the network must see them as stored).
+@pytest.fixture(scope="module", params=["NibabelIOWithReorient", "SimpleITKIO"])
+def imported(tmp_path_factory, request):
     root = tmp_path_factory.mktemp("nnunet")
-    write_result_folder(root / "results")
+    write_result_folder(root / "results", request.param)
     write_scans(root / "scans")
     import_nnunet(root / "results", root / "run")
-    return root
+    return root, request.param
 
 
 def test_import_writes_nnunet_resampling_normalisation_and_mirroring(imported):
+    imported, reader = imported
     plans = json.loads((imported / "run" / "plans.json").read_text())
     config = json.loads((imported / "run" / "config.json").read_text())
     assert plans["resampling"] == {"scheme": "nnunet", "order": 3, "order_z": 0, "probabilities_order": 1,
@@ -225,13 +230,15 @@ def test_import_writes_nnunet_resampling_normalisation_and_mirroring(imported):
     assert config["model"]["axis_permutation"] == [2, 0, 1]  # network (z, x, y) reads our axes 2, 0, 1
     assert config["train"]["patch_size"] == [24, 32, 16]
     assert config["infer"]["mirror_axes"] == config["augment"]["mirror_axes"] == [0, 1]
+    assert plans.get("voxel_order", "canonical") == ("file" if reader == "SimpleITKIO" else "canonical")
 
 
 @pytest.mark.parametrize("mirroring", [False, True], ids=["plain", "mirrored"])
 def test_predictions_equal_nnunet_predictor(imported, mirroring):
+    imported, reader = imported
     tag = "mirrored" if mirroring else "plain"
     theirs, ours = imported / f"nnunet_{tag}", imported / f"medseg_{tag}"
-    nnunet_predict(imported / "results", imported / "scans", theirs, mirroring)
+    nnunet_predict(imported / "results", imported / "scans", theirs, mirroring, reader)
     predict_lib.predict(imported / "run", imported / "scans", ours, checkpoint="latest",
                         mirror_axes=None if mirroring else ())
     equal = agreement(ours, theirs)

@@ -39,6 +39,10 @@ class Geometry:
             shape[int(canonical_axis)] = self.shape[file_axis]
         return tuple(shape)
 
+    def file_spacing(self) -> tuple[float, float, float]:
+        """mm per voxel in the file's voxel order."""
+        return tuple(float(self.spacing[int(canonical_axis)]) for canonical_axis, _ in self.to_canonical)
+
     def from_canonical_ornt(self) -> np.ndarray:
         """The ornt array taking canonical voxel order back to the file's."""
         return orientations.ornt_transform(_CANONICAL_ORNT, self.to_canonical)

@@ -54,9 +54,10 @@ def _write_run(out: Path, config: ml_collections.ConfigDict, plans: dict | None,
 
 # --- nnU-Net -------------------------------------------------------------------------------------------------------
 def nnunet_axis_permutation(plans: dict) -> list[int]:
-    """network axis a <- our canonical axis. nnU-Net reads volumes as (z, y, x) (file axes reversed; SimpleITK and its
-    NibabelIO alike) and then applies `transpose_forward`; our canonical axes follow the file's (RAS-reoriented)
-    axes."""
+    """network axis a <- our axis. nnU-Net reads volumes as (z, y, x) (file axes reversed; SimpleITK and its
+    NibabelIO alike) and then applies `transpose_forward`; our axes are the file's axes as nnU-Net's reader saw them:
+    RAS-reoriented (NibabelIOWithReorient, and our canonical order), or the file's own order (SimpleITKIO, NibabelIO;
+    the imported plan then says "voxel_order": "file")."""
     forward = [int(v) for v in plans.get("transpose_forward", [0, 1, 2])]
     return [2 - forward[a] for a in range(3)]
 
@@ -166,14 +167,13 @@ def import_nnunet(path, out, fold=None, checkpoint_name: str = "checkpoint_final
     if config.infer.mirror_axes:
         config.augment.mirror_axes = config.infer.mirror_axes
     reader = str(model.plans.get("image_reader_writer", "SimpleITKIO"))
-    note = ("network axis a reads our canonical axis axis_permutation[a]; preprocessing, resampling (plans.json "
-            "'resampling') and test-time mirroring (config infer.mirror_axes) follow nnU-Net's")
+    note = ("network axis a reads our axis axis_permutation[a]; preprocessing, resampling (plans.json 'resampling') "
+            "and test-time mirroring (config infer.mirror_axes) follow nnU-Net's")
     if reader not in _NNUNET_RAS_READERS:
-        # nnU-Net then sees each file in its stored voxel order, we in RAS order: the same only for RAS-stored files.
-        note += (f"; nnU-Net read its images with {reader} (the file's own voxel order), medseg reorients to RAS: "
-                 "scans not stored in RAS order reach the network flipped or transposed relative to nnU-Net")
-        log.warning("%s: nnU-Net's %s keeps each file's voxel order, medseg reorients scans to RAS; predictions "
-                    "equal nnU-Net's for RAS-stored scans", model.source, reader)
+        # nnU-Net saw each file in its stored voxel order (its default SimpleITKIO and NibabelIO do not reorient):
+        # prediction does the same instead of reorienting to RAS, so scans reach the network as in nnU-Net.
+        plans["voxel_order"] = "file"
+        note += f"; nnU-Net read its images with {reader}, so the network sees each file's own voxel order"
     source = {"kind": "nnunet", "path": str(Path(path).absolute()), "checkpoint": model.source,
               "configuration": model.configuration, "fold": model.fold,
               "axis_permutation": permutation, "image_reader_writer": reader, "note": note}
