@@ -66,7 +66,7 @@ def cmd_train(args, overrides) -> None:
             config.train.init_from = str(args.init_from)
     if args.dataset:
         config.data.dataset = args.dataset
-    summary = train(config, args.workdir, resume=args.resume)
+    summary = train(config, args.workdir, resume=args.resume, profile_steps=args.profile or 0)
     import jax
 
     if jax.process_index() != 0:
@@ -360,6 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", help="dataset folder; shorthand for --config.data.dataset=DIR")
     p.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
     p.add_argument("--mesh", help="devices per mesh axis, e.g. data=2,space=4 (shorthand for --config.mesh.*)")
+    p.add_argument("--profile", type=int, metavar="N", help="write a jax profiler trace of N steps (after the first) "
+                                                          "into RUN/profile/ for TensorBoard or Perfetto")
     p.add_argument("--coordinator", help="multi-host: HOST:PORT of process 0 (with --num-processes, --process-id)")
     p.add_argument("--num-processes", type=int, help="multi-host: number of processes")
     p.add_argument("--process-id", type=int, help="multi-host: this process's index, 0 .. N-1")

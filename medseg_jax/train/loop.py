@@ -61,20 +61,50 @@ def check_run_dir(run: runs.RunDir, resume: bool) -> bool:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | Path, resume: bool = False,
-          stop_at_step: int | None = None) -> dict:
+          stop_at_step: int | None = None, profile_steps: int = 0) -> dict:
     """Trains the experiment `config` in `workdir`; returns the training summary.
 
     `stop_at_step` stops early after saving a checkpoint, as an interruption would (tests use it for resume).
+    `profile_steps` > 0 records a jax profiler trace of that many steps after the first (compiling) one into
+    RUN/profile/ (TensorBoard's profile plugin, or Perfetto: RUN/profile/**/perfetto_trace.json.gz).
     """
+    if profile_steps < 0:
+        raise MedsegError(f"--profile {profile_steps}: must be a number of steps, at least 1")
     schema.check(config)
     run = runs.RunDir(workdir)
     # One writer per run directory (process 0 of a multi-host run holds the lock for all of them).
     lock = fileio.exclusive(run.path, "being trained") if jax.process_index() == 0 else contextlib.nullcontext()
     with lock:
-        return _train(config, run, resume, stop_at_step)
+        return _train(config, run, resume, stop_at_step, profile_steps)
 
 
-def _train(config: ml_collections.ConfigDict, run: runs.RunDir, resume: bool, stop_at_step: int | None) -> dict:
+class StepTimes:
+    """Where a step's wall time goes, summed between log records: waiting for the batch (`data_wait`), handing the
+    step to the device (`dispatch`; the step itself runs asynchronously) and waiting for the device when metrics are
+    read (`host_sync`, which holds the device time the host did not hide)."""
+
+    KEYS = ("data_wait", "dispatch", "host_sync")
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.totals = dict.fromkeys(self.KEYS, 0.0)
+        self.steps, self.since = 0, time.perf_counter()
+
+    def add(self, key: str, seconds: float):
+        self.totals[key] += seconds
+
+    def record(self) -> dict:
+        """Seconds per step of each part and of the wall clock since the last record."""
+        steps = max(self.steps, 1)
+        result = {f"time_{key}": round(value / steps, 5) for key, value in self.totals.items()}
+        result["time_step_wall"] = round((time.perf_counter() - self.since) / steps, 5)
+        return result
+
+
+def _train(config: ml_collections.ConfigDict, run: runs.RunDir, resume: bool, stop_at_step: int | None,
+           profile_steps: int = 0) -> dict:
     resume = check_run_dir(run, resume)
     started = time.time()
     layout = mesh_lib.make_mesh_layout(config.get("mesh"), spatial_dims=len(config.train.patch_size))
@@ -153,17 +183,41 @@ def _train(config: ml_collections.ConfigDict, run: runs.RunDir, resume: bool, st
                     unit="step", dynamic_ncols=True, disable=jax.process_index() != 0)
     step_started = time.time()
     first_step_seconds = None
+    times = StepTimes()
+    # the trace starts after the first step, so that it shows training rather than compilation
+    profile_window = (start_step + 1, start_step + 1 + profile_steps) if profile_steps else None
+    profiling = False
     for step in progress:
-        state, metrics = train_step(state, next(batches), jax.random.fold_in(step_key, step))
+        if profile_window and step == profile_window[0] and jax.process_index() == 0:
+            jax.profiler.start_trace(str(run.path / "profile"), create_perfetto_trace=True)
+            profiling = True
+        tick = time.perf_counter()
+        batch = next(batches)
+        times.add("data_wait", time.perf_counter() - tick)
+        tick = time.perf_counter()
+        with jax.profiler.StepTraceAnnotation("train", step_num=step):
+            state, metrics = train_step(state, batch, jax.random.fold_in(step_key, step))
+        times.add("dispatch", time.perf_counter() - tick)
+        times.steps += 1
         if first_step_seconds is None:  # the train step's compilation (or persistent-cache load) and the first batch
             first_step_seconds = round(time.time() - step_started, 2)
+            times.reset()  # compilation is not a step's time
         done = step + 1
+        if profiling and done == min(profile_window[1], end_step):
+            jax.block_until_ready(state)
+            jax.profiler.stop_trace()
+            profiling = False
+            log.info("profiler trace of steps %d-%d in %s (TensorBoard: tensorboard --logdir %s; or open "
+                     "perfetto_trace.json.gz at ui.perfetto.dev)", profile_window[0] + 1, done, run.path / "profile",
+                     run.path / "profile")
         pending.append((done, metrics))
         log_now = done % config.train.log_every == 0 or done == end_step
         validate_now = bool(val_cases) and (done % config.train.val_every == 0 or done == total_steps)
         save_now = done % config.train.checkpoint_every == 0 or done == end_step
         if log_now or validate_now or save_now:  # read the steps' metrics before anything is logged or saved
+            tick = time.perf_counter()
             values = [(s, {k: float(mesh_lib.to_host(v)) for k, v in m.items()}) for s, m in pending]
+            times.add("host_sync", time.perf_counter() - tick)
             pending = []
             guard.check(values, latest.latest_step(), run.path)
             window += [v for _, v in values if v["finite"]]
@@ -172,6 +226,9 @@ def _train(config: ml_collections.ConfigDict, run: runs.RunDir, resume: bool, st
                       **{k: float(np.mean([v[k] for v in window])) for k in window[0] if k != "finite"}}
             if guard.skipped:
                 record["skipped_steps"] = guard.skipped
+            if times.steps:
+                record.update(times.record())
+            times.reset()
             window = []
             last_loss = record["loss"]
             progress.set_postfix(loss=f"{last_loss:.4f}", best_val=f"{best_dice:.3f}")
@@ -186,8 +243,11 @@ def _train(config: ml_collections.ConfigDict, run: runs.RunDir, resume: bool, st
             runs.save_checkpoint(best, done, state.to_dict(), metrics={"val_dice": result["val_dice"]})
             progress.set_postfix(loss=f"{last_loss:.4f}", best_val=f"{best_dice:.3f}")
             step_started = time.time()
+            times.reset()  # validation is not a step's time
         if save_now:
             runs.save_checkpoint(latest, done, state.to_dict(), data_iterator, force=True)
+    if profiling:  # (a run stopped before the window ended)
+        jax.profiler.stop_trace()
     train_seconds += time.time() - step_started
     progress.close()
     if hasattr(data_iterator, "close"):
