@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
 import re
@@ -159,6 +160,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=20.0, help="timing budget of each reference run")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--write", action="store_true")
+    parser.add_argument("--out", help="raw figures (default: docs/bench_augment_<backend>.json)")
     args = parser.parse_args()
 
     patch = (args.patch,) * 3
@@ -210,6 +212,14 @@ def main() -> int:
     ]
     text = "\n".join(lines)
     print(text)
+    out = Path(args.out or REPO / "docs" / f"bench_augment_{jax.default_backend()}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "date": today, "machine": machine(), "command": " ".join(sys.argv), "patch": args.patch, "batch": args.batch,
+        "pipelines": [{"setting": text_, "input_size": list(size), "reference_samples_per_s": ref,
+                       "jax_samples_per_s": jx, "ratio": jx / ref} for text_, size, ref, jx in rows],
+        "train_step_seconds": {"none": step_none, "intensity": step_intensity, "nnunet": step_nnunet}}, indent=1))
+    print(f"wrote {out}")
     if args.write:
         path = REPO / "BENCHMARKS.md"
         content = path.read_text()
