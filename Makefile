@@ -38,7 +38,7 @@ check: install-test
 	$(VENV)/bin/lint-imports --no-logo --no-cache
 
 test: check
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal -m "not slow" tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal --durations=20 -m "not slow" tests
 
 test-all: check
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal tests
