@@ -26,10 +26,11 @@ import numpy as np
 from medseg_jax import fileio
 from medseg_jax.errors import MedsegError
 from medseg_jax.infer.postprocess import check_rules
-from medseg_jax.predict import EXPORT_KIND, EXPORT_MANIFEST, RunMember, configured_mirror_axes, read_plan
+from medseg_jax.predict import EXPORT_KIND, EXPORT_MANIFEST, Predictor, RunMember, read_plan
 
 FORMAT_VERSION = 1
 PLATFORMS = ("cpu", "cuda")
+KNOWN_PLATFORMS = ("cpu", "cuda", "rocm", "tpu")  # jax.export lowers for these; it does not refuse other names
 
 
 def _serialise(member: RunMember, platforms: Sequence[str]) -> tuple[bytes, list[np.ndarray]]:
@@ -61,52 +62,47 @@ def export_model(run_dirs: Sequence[str | Path] = (), out: str | Path = "", *, p
     if out.exists() and not (overwrite and out.is_dir() and (out / EXPORT_MANIFEST).is_file()):
         raise MedsegError(f"--out {out}: already exists; choose a new folder"
                           + (" (or pass --overwrite to replace an exported model)" if out.is_dir() else ""))
+    unknown = [p for p in platforms if p not in KNOWN_PLATFORMS]
+    if unknown or not platforms:
+        raise MedsegError(f"--platforms {','.join(platforms)}: choose from {', '.join(KNOWN_PLATFORMS)}")
     check_rules(postprocessing, "--postprocessing")
     if plan is not None:
         content = read_plan(plan)
         run_dirs = [Path(plan).parent / run for run in content["runs"]]
         checkpoint = content.get("checkpoint", "latest")
         postprocessing = content.get("postprocessing") if postprocessing is None else postprocessing
-    # mirror_axes=() here: TTA is applied around the exported call at prediction time, not baked into it
-    members = [RunMember(run, checkpoint, mirror_axes=()) for run in run_dirs]
-    labels = members[0].plans["labels"]
-    for member in members[1:]:
-        if member.plans["labels"] != labels or member.regions != members[0].regions:
-            raise MedsegError(f"{member.path}: predicts labels {member.plans['labels']}, {members[0].path} "
-                              f"{labels}; an ensemble needs the same labels")
-    tmp = out.with_name(f".{out.name}.tmp-export")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    entries = []
-    started = time.perf_counter()
-    for index, member in enumerate(members):
-        blob, leaves = _serialise(member, platforms)
-        forward_name, params_name = f"member_{index}.jaxexport", f"member_{index}_params.npz"
-        (tmp / forward_name).write_bytes(blob)
-        np.savez(tmp / params_name, **{f"p{i:05d}": leaf for i, leaf in enumerate(leaves)})
-        configured = configured_mirror_axes(member.config)
-        entries.append({
-            "name": member.name, "source_run": str(member.path.resolve()), "checkpoint": checkpoint,
-            "forward": forward_name, "params": params_name, "plans": member.plans, "regions": member.regions,
-            "patch_size": list(member.patch), "in_channels": member.in_channels, "num_outputs": member.num_outputs,
-            "overlap": member.overlap, "batch_size": member.batch_size,
-            "mirror_axes": [int(a) for a in configured if int(a) < len(member.patch)],
-            "parameters": int(sum(leaf.size for leaf in leaves)),
-        })
-    manifest = {
-        "kind": EXPORT_KIND, "format_version": FORMAT_VERSION,
-        "jax_version": jax.__version__,
-        # jax loads serialised exports for at least six months of releases after the one that wrote them, never in
-        # an older jax (https://docs.jax.dev/en/latest/export/export.html#compatibility-guarantees)
-        "loads_in": f"jax >= {jax.__version__} (about six months of releases)",
-        "platforms": list(platforms), "labels": labels, "regions": members[0].regions,
-        "postprocessing": postprocessing, "members": entries,
-        "export_seconds": round(time.perf_counter() - started, 2),
-    }
-    fileio.write_json(tmp / EXPORT_MANIFEST, manifest)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    members = [RunMember(run, checkpoint) for run in run_dirs]
+    # the same checks as prediction's ensemble (labels, regions, channels), before anything is written
+    ensemble = Predictor(members, postprocessing, source=" + ".join(str(m.path) for m in members))
+    with fileio.atomic_dir(out) as tmp:
+        entries = []
+        started = time.perf_counter()
+        for index, member in enumerate(members):
+            blob, leaves = _serialise(member, platforms)
+            forward_name, params_name = f"member_{index}.jaxexport", f"member_{index}_params.npz"
+            (tmp / forward_name).write_bytes(blob)
+            np.savez(tmp / params_name, **{f"p{i:05d}": leaf for i, leaf in enumerate(leaves)})
+            entries.append({
+                "name": member.name, "source_run": str(member.path.resolve()), "checkpoint": checkpoint,
+                "forward": forward_name, "params": params_name, "plans": member.plans, "regions": member.regions,
+                "patch_size": list(member.patch), "in_channels": member.in_channels,
+                "num_outputs": member.num_outputs, "overlap": member.overlap, "batch_size": member.batch_size,
+                # TTA is applied around the exported call at prediction time (the run's default axes), not baked in
+                "mirror_axes": list(member.mirror_axes), "parameters": int(sum(leaf.size for leaf in leaves)),
+            })
+        manifest = {
+            "kind": EXPORT_KIND, "format_version": FORMAT_VERSION,
+            "jax_version": jax.__version__,
+            # jax loads serialised exports for at least six months of releases after the one that wrote them, never
+            # in an older jax (https://docs.jax.dev/en/latest/export/export.html#compatibility-guarantees)
+            "loads_in": f"jax >= {jax.__version__} (about six months of releases)",
+            "platforms": list(platforms), "labels": ensemble.plans["labels"], "regions": ensemble.regions,
+            "postprocessing": postprocessing, "members": entries,
+            "export_seconds": round(time.perf_counter() - started, 2),
+        }
+        fileio.write_json(tmp / EXPORT_MANIFEST, manifest)
+        if out.exists():  # --overwrite: the earlier export goes only once the new one is complete
+            shutil.rmtree(out)
     manifest["size_bytes"] = sum(p.stat().st_size for p in out.iterdir())
     return manifest
 

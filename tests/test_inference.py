@@ -189,6 +189,8 @@ def test_export_refusals_write_nothing(two_runs, tiny_dataset, tmp_path):
     first, second = two_runs
     assert main(["export", "--run", str(first), "--out", str(tmp_path / "model"), "--platforms", "cpu"]) == 0
     assert main(["export", "--run", str(first), "--out", str(tmp_path / "model")]) == 2  # exists
+    assert main(["export", "--run", str(first), "--out", str(tmp_path / "bad"), "--platforms", "nonesuch"]) == 2
+    assert not (tmp_path / "bad").exists() and not list(tmp_path.glob(".bad*"))  # no half-written export left
     manifest_path = tmp_path / "model" / "model.json"
     manifest = json.loads(manifest_path.read_text())
     manifest["jax_version"] = "99.0.0"
