@@ -9,6 +9,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from medseg_jax.models.conv import conv_general_dilated
+
 ACTIVATIONS: dict[str, Callable] = {
     "leaky_relu": lambda x: nn.leaky_relu(x, negative_slope=0.01),
     "relu": nn.relu,
@@ -72,7 +74,8 @@ class ConvNormAct(nn.Module):
     def __call__(self, x):
         kernel = tuple(int(k) for k in self.kernel_size)
         x = nn.Conv(self.features, kernel, strides=self.strides, padding=torch_padding(kernel),
-                    use_bias=self.conv_bias, dtype=self.dtype, name="conv")(x)
+                    use_bias=self.conv_bias, dtype=self.dtype, conv_general_dilated=conv_general_dilated,
+                    name="conv")(x)
         x = Norm(self.norm, dtype=self.dtype, name="norm")(x)
         return x if self.activation is None else get_activation(self.activation)(x)
 

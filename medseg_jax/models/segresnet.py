@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from medseg_jax.models.conv import conv_general_dilated
 from medseg_jax.models.layers import Norm, UpsampleConv, get_activation, torch_padding
 from medseg_jax.parallel.mesh import constrain
 
@@ -57,7 +58,7 @@ def _conv(features: int, spatial_dims: int, kernel: int, *, strides: int = 1, us
     flax's "SAME" would pad (0, 1) at stride 2)."""
     kernel_size = (kernel,) * spatial_dims
     return nn.Conv(features, kernel_size, strides=(strides,) * spatial_dims, padding=torch_padding(kernel_size),
-                   use_bias=use_bias, dtype=dtype, name=name)
+                   use_bias=use_bias, dtype=dtype, conv_general_dilated=conv_general_dilated, name=name)
 
 
 class ResBlock(nn.Module):

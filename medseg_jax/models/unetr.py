@@ -37,6 +37,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from medseg_jax.models.conv import conv_general_dilated
 from medseg_jax.models.layers import Norm, UpsampleConv, get_activation
 
 NUM_LAYERS = 12  # MONAI's UNETR hard-codes 12 transformer blocks
@@ -62,7 +63,8 @@ def _upsample(features: int, spatial_dims: int, dtype, name: str) -> nn.Module:
 
 def _conv(features: int, kernel: int, spatial_dims: int, dtype, name: str) -> nn.Conv:
     """MONAI get_conv_layer(..., stride=1, bias=False): 'same' padding (kernel - 1) // 2."""
-    return nn.Conv(features, (kernel,) * spatial_dims, padding="SAME", use_bias=False, dtype=dtype, name=name)
+    return nn.Conv(features, (kernel,) * spatial_dims, padding="SAME", use_bias=False, dtype=dtype,
+                   conv_general_dilated=conv_general_dilated, name=name)
 
 
 class UnetResBlock(nn.Module):
