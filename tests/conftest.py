@@ -88,7 +88,9 @@ def tiny_config(dataset: Path | str = "", steps: int = 6):
 
 TINY_OVERRIDES = ["--config.data.val_cases=1", "--config.model.features=(4,8)", "--config.train.patch_size=(16,16,8)",
                   "--config.train.log_every=1", "--config.train.checkpoint_every=2", "--config.train.warmup_steps=1",
-                  "--config.train.learning_rate=0.02", "--config.data.target_spacing=(2,2,3)"]
+                  "--config.train.learning_rate=0.02", "--config.data.target_spacing=(2,2,3)",
+                  # 2 patches per step, one random (the demo's former schedule): data-parallel meshes need 2
+                  "--config.train.batch_size=2", "--config.data.oversample_foreground=0.5"]
 
 
 def run_worker(script: str, *args: str, devices: int = 8, timeout: int = 900):

@@ -39,10 +39,12 @@ def test_an_experiment_has_exactly_the_base_keys(name):
     assert set(_load(name)) == set(_flat(to_plain(base.get_config())))
 
 
-def test_the_modality_demos_differ_from_the_ct_demo_in_spacing_and_augmentation_only():
+def test_the_modality_demos_differ_from_the_ct_demo_in_spacing_augmentation_and_schedule_only():
     ct = _load("demo_ct")
-    for name, changed in {"demo_mri": {"data.target_spacing", "augment.p_bias_field", "augment.p_rician"},
-                          "demo_us": {"data.target_spacing", "augment.p_speckle", "augment.p_attenuation"}}.items():
+    schedule = {"train.batch_size", "data.oversample_foreground", "train.steps", "train.val_every"}
+    for name, changed in {"demo_mri": {"data.target_spacing", "augment.p_bias_field", "augment.p_rician", *schedule},
+                          "demo_us": {"data.target_spacing", "augment.p_speckle", "augment.p_attenuation",
+                                      *schedule}}.items():
         other = _load(name)
         assert {k for k in ct if ct[k] != other[k]} == changed, name
 
