@@ -244,7 +244,8 @@ def test_bad_sweeps_are_refused_before_anything_is_written(tiny_dataset, tmp_pat
 
     cases = {
         "tiny_sweep.py: trial a: its changes: unknown config key 'train.stepz'": {"a": {"train.stepz": 3}},
-        "trial b: config key 'train.batch_size': 0 must be at least 1": {"a": {}, "b": {"train.batch_size": 0}},
+        "trial b: config key 'data.prefetch_batches': 0 must be at least 1": {"a": {},
+                                                                               "b": {"data.prefetch_batches": 0}},
         "trial name 'a b'": {"a b": {}},
     }
     for message, trials in cases.items():
