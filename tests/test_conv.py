@@ -118,6 +118,7 @@ def test_flax_conv_keeps_its_parameters():
                                atol=1e-5)
 
 
+@pytest.mark.slow  # about a minute on 2 cores (two whole train steps compiled)
 def test_bench_conv_tiny_runs_and_prints_every_ratio(tmp_path):
     """scripts/bench_conv.py at its tiny size: every layer's and the whole step's ratio printed (no timing asserted)."""
     import json
