@@ -5,13 +5,16 @@ and the kernel gradient of every conv) to convolutions it executes slowly: for t
 3x3x3 conv (2x48x48x32x8 -> 16 channels) the gradient took 777 ms against 46 ms written as below, and the stride-1
 convs 1.2-2x longer (scripts/bench_conv.py). On CPU the backward pass here is written as im2col matmuls:
 
-- kernel gradient: the K taps of the padded input, each a strided slice, concatenated along channels ("im2col"),
-  contracted with the output gradient in one matmul;
-- input gradient: the output gradient times the kernel (one matmul to K*C_in channels), each tap's block added back
-  into its strided slice of the padded input ("col2im"), then the padding cut off.
+- kernel gradient: one matmul per kernel tap, that tap's strided slice of the padded input against the output
+  gradient (the same sums as one matmul over the K concatenated taps, "im2col", without writing a K times larger
+  array);
+- input gradient of a strided conv: the output gradient times the kernel (one matmul to K*C_in channels), each tap's
+  block put back into its strided place of the padded input ("col2im"), then the padding cut off. A stride-1 conv
+  keeps XLA's input gradient (a forward conv, fast on CPU).
 
-The forward pass is XLA's convolution, and on every other platform (GPU, TPU) so is the backward: `platform_dependent`
-picks the branch when the step is lowered, so the same model runs cuDNN's gradients there. Same function, same
+The forward pass is XLA's convolution (on CPU, inputs of at most THIN_INPUT_CHANNELS channels use a per-tap sum); on
+every other platform (GPU, TPU) the backward is XLA's too: `platform_dependent` picks the branch when the step is
+lowered, so the same model runs cuDNN's gradients there. Same function, same
 parameters; the gradients agree with XLA's to float32 rounding (tests/test_conv.py). Dilated, grouped or
 non-channels-last convolutions, kernels of more than 27 taps and stride-1 convs of fewer than MIN_OUTPUT_VOXELS output
 voxels fall through to `lax.conv_general_dilated` unchanged.
