@@ -18,8 +18,6 @@ import argparse
 import datetime
 import functools
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -31,6 +29,7 @@ sys.path.insert(0, str(REPO))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+from bench_augment import machine  # noqa: E402  (scripts/ is sys.path[0] when a script runs)
 from jax import lax  # noqa: E402
 
 from medseg_jax.models import conv as conv_lib  # noqa: E402
@@ -123,20 +122,6 @@ def bench_step(patch, features, batch, repeats):
         print(f"  train step with {impl} conv: {result[f'{impl}_step_s']:.3f} s "
               f"(compile + first step {result[f'{impl}_compile_and_first_step_s']:.1f} s)", flush=True)
     return result
-
-
-def machine() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    device = jax.devices()[0]
-    return (f"{model}, {os.cpu_count()} cores; jax {jax.__version__} on {device.platform} "
-            f"({getattr(device, 'device_kind', '')}); Python {platform.python_version()}")
 
 
 def main(argv=None) -> int:
