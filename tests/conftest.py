@@ -17,6 +17,23 @@ if os.environ.get("MEDSEG_TEST_XLA_CACHE", "1") != "0":
 
     _tag = hashlib.sha1(str(REPO).encode()).hexdigest()[:8]
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(tempfile.gettempdir()) / f"medseg-tests-xla-{_tag}"))
+# The suite's programs are tiny: XLA:CPU spends far longer compiling them (LLVM's optimisation passes) than running
+# them, so tests compile without LLVM optimisation (the same HLO, scheduled and fused as usual; machine code made
+# without LLVM's -O passes): 769 s instead of 1068 s for the suite on 2 cores. Every comparison a test makes is between
+# programs compiled the same way. MEDSEG_TEST_XLA_OPT=default compiles as users do.
+TEST_XLA_FLAGS = "" if os.environ.get("MEDSEG_TEST_XLA_OPT") == "default" else "--xla_backend_optimization_level=0"
+
+
+def xla_flags(devices: int | None = None) -> str:
+    """XLA_FLAGS for a process the tests start: the suite's compile setting, and `devices` fake CPU devices."""
+    flags = [TEST_XLA_FLAGS] if TEST_XLA_FLAGS else []
+    if devices is not None:
+        flags.append(f"--xla_force_host_platform_device_count={devices}")
+    return " ".join(flags)
+
+
+if TEST_XLA_FLAGS and TEST_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
 
 import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
@@ -93,13 +110,34 @@ TINY_OVERRIDES = ["--config.data.val_cases=1", "--config.model.features=(4,8)", 
                   "--config.train.batch_size=2", "--config.data.oversample_foreground=0.5"]
 
 
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """The folder `name`, filled by `build(folder)` once per test session: module fixtures run once per xdist worker,
+    so an expensive one (training runs, a sweep) would run on both cores at once; the first worker builds it, the
+    others wait for it and share it (tests only read it)."""
+    import fcntl
+    import shutil
+
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the session's folder, above the workers' own
+    folder = base / name
+    with open(base / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (folder / ".built").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+            build(folder)
+            (folder / ".built").touch()
+    return folder
+
+
 def run_worker(script: str, *args: str, devices: int = 8, timeout: int = 900):
     """Runs tests/workers/SCRIPT in a fresh Python with `devices` fake CPU devices (XLA_FLAGS must be set before jax
     starts) and returns the JSON it printed after "RESULT "."""
     import subprocess
     import sys
 
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", TF_CPP_MIN_LOG_LEVEL="2")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(devices), TF_CPP_MIN_LOG_LEVEL="2")
     proc = subprocess.run([sys.executable, str(REPO / "tests" / "workers" / script), *args], env=env,
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
@@ -110,4 +148,5 @@ def run_worker(script: str, *args: str, devices: int = 8, timeout: int = 900):
 
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory) -> Path:
-    return write_tiny_dataset(tmp_path_factory.mktemp("tiny") / "dataset")
+    # one folder for every worker: runs built once for the session (built_once) name the same dataset
+    return built_once(tmp_path_factory, "tiny", lambda folder: write_tiny_dataset(folder / "dataset")) / "dataset"

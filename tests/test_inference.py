@@ -19,18 +19,19 @@ from medseg_jax.infer.tta import mirror_combinations, mirrored
 from medseg_jax.models.unet import UNet
 from medseg_jax.predict import predict
 from medseg_jax.train.loop import train
-from tests.conftest import REPO, tiny_config
+from tests.conftest import REPO, built_once, tiny_config
 
 
 @pytest.fixture(scope="module")
 def two_runs(tiny_dataset, tmp_path_factory):
-    root = tmp_path_factory.mktemp("runs")
-    first, second = root / "a", root / "b"
-    train(tiny_config(tiny_dataset, steps=4), first)
-    config = tiny_config(tiny_dataset, steps=3)
-    config.seed = 1
-    train(config, second)
-    return first, second
+    def build(root):
+        train(tiny_config(tiny_dataset, steps=4), root / "a")
+        config = tiny_config(tiny_dataset, steps=3)
+        config.seed = 1
+        train(config, root / "b")
+
+    root = built_once(tmp_path_factory, "two_runs", build)
+    return root / "a", root / "b"
 
 
 def _labels(path):

@@ -7,14 +7,13 @@ import os
 import subprocess
 import sys
 
-from conftest import REPO
+from conftest import REPO, xla_flags
 
 TINY = ["--config.model.features=(4,8)", "--config.train.patch_size=(32,32,16)", "--config.augment.preset=none"]
 
 
 def medseg_memory(*args):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    env = dict(os.environ, XLA_FLAGS=xla_flags(), TF_CPP_MIN_LOG_LEVEL="2")  # one CPU device
     return subprocess.run([sys.executable, "-m", "medseg_jax.cli", "memory", "--config",
                            str(REPO / "experiments" / "demo_ct.py"), *args], env=env, capture_output=True, text=True,
                           timeout=300)

@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, TINY_OVERRIDES, run_worker
+from conftest import REPO, TINY_OVERRIDES, run_worker, xla_flags
 
 STEPS = 20
 
@@ -29,7 +29,7 @@ def train_command(dataset, workdir, *extra) -> list[str]:
 
 
 def env_with(devices: int) -> dict:
-    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", TF_CPP_MIN_LOG_LEVEL="2")
+    return dict(os.environ, XLA_FLAGS=xla_flags(devices), TF_CPP_MIN_LOG_LEVEL="2")
 
 
 def train_losses(workdir) -> list[float]:

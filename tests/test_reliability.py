@@ -9,7 +9,7 @@ import pytest
 
 from medseg_jax import runs
 from medseg_jax.cli import main
-from tests.conftest import REPO
+from tests.conftest import REPO, built_once
 
 TINY = ["--config.data.val_cases=1", "--config.model.features=(4,8)", "--config.train.patch_size=(16,16,8)",
         "--config.data.target_spacing=(2,2,3)", "--config.train.log_every=1", "--config.train.warmup_steps=0",
@@ -231,9 +231,10 @@ def test_a_run_killed_before_its_first_checkpoint_starts_again_with_resume(tiny_
 
 @pytest.fixture(scope="module")
 def predict_run(tiny_dataset, tmp_path_factory):
-    run = tmp_path_factory.mktemp("predict_run") / "run"
-    assert train(tiny_dataset, run, "--config.train.steps=1", "--config.train.checkpoint_every=1") == 0
-    return run
+    def build(root):
+        assert train(tiny_dataset, root / "run", "--config.train.steps=1", "--config.train.checkpoint_every=1") == 0
+
+    return built_once(tmp_path_factory, "predict_run", build) / "run"
 
 
 def _scans(tiny_dataset, folder, count=2):

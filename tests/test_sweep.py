@@ -20,7 +20,7 @@ import pytest
 from medseg_jax.data import splits as splits_lib
 from medseg_jax.errors import MedsegError
 from medseg_jax.experiments import schema
-from tests.conftest import REPO, TINY_OVERRIDES
+from tests.conftest import REPO, TINY_OVERRIDES, built_once
 
 # --- folds ---------------------------------------------------------------------------------------------------------
 
@@ -147,12 +147,12 @@ def local_sweep(tiny_dataset, tmp_path_factory) -> Path:
     from medseg_jax.sweep import results
     from medseg_jax.sweep.runner import run_sweep
 
-    root = tmp_path_factory.mktemp("sweep")
-    workdir = root / "sweep"
-    run_sweep(str(_write_sweep(root)), workdir, executor="local", max_parallel=2,
-              overrides=_sweep_overrides(tiny_dataset))
-    results.results(workdir)
-    return workdir
+    def build(root):
+        run_sweep(str(_write_sweep(root)), root / "sweep", executor="local", max_parallel=2,
+                  overrides=_sweep_overrides(tiny_dataset))
+        results.results(root / "sweep")
+
+    return built_once(tmp_path_factory, "local_sweep", build) / "sweep"
 
 
 def test_a_sweep_runs_every_trial_and_fold_as_an_ordinary_run(local_sweep, tiny_dataset):
