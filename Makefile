@@ -15,10 +15,11 @@ $(VENV)/.installed: pyproject.toml
 # torch first, from the CPU wheel pip finds for exactly 2.13.0; the constraints file then keeps MONAI from pulling a
 # CUDA build. dynamic_network_architectures goes in without its dependencies (timm/torchvision are not needed for the
 # U-Nets and have no CPU build here); so do nnU-Net v2 and its torch-based helpers (their other dependencies are in the
-# test extra; versions in constraints/test.txt).
+# test extra; versions in constraints/test.txt). The federated extra (Flower and its Ray-based simulation runtime)
+# serves tests/test_federated.py.
 $(VENV)/.installed-test: $(VENV)/.installed constraints/test.txt
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -c constraints/test.txt -e '.[test]'
+	$(PIP) install -q -c constraints/test.txt -e '.[test,federated]'
 	$(PIP) install -q -c constraints/test.txt --no-deps dynamic_network_architectures==0.4.4
 	$(PIP) install -q -c constraints/test.txt --no-deps nnunetv2 acvl-utils batchgenerators batchgeneratorsv2
 	touch $@

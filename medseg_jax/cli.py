@@ -22,8 +22,9 @@ def cmd_demo_data(args) -> None:
     from medseg_jax.data.phantoms import write_demo_dataset
 
     out = write_demo_dataset(args.out, modality=args.modality, num_train=args.cases, num_test=args.test_cases,
-                             seed=args.seed)
-    print(f"wrote {args.cases} training and {args.test_cases} test {args.modality.upper()} cases to {out}")
+                             seed=args.seed, num_unlabelled=args.unlabelled_cases)
+    more = f" and {args.unlabelled_cases} unlabelled" if args.unlabelled_cases else ""
+    print(f"wrote {args.cases} training, {args.test_cases} test{more} {args.modality.upper()} cases to {out}")
 
 
 def _mesh_overrides(text: str | None) -> list[str]:
@@ -35,7 +36,11 @@ def _mesh_overrides(text: str | None) -> list[str]:
     return [f"--config.mesh.{name}={value}" for name, value in parse_mesh_arg(text).items()]
 
 
-def cmd_train(args, overrides) -> None:
+def cmd_pretrain(args, overrides) -> None:
+    cmd_train(args, overrides, task="pretrain")
+
+
+def cmd_train(args, overrides, task: str = "segment") -> None:
     from medseg_jax.parallel import distributed
 
     # Before anything touches a device: join the other processes of a multi-host run (flags or a detected cluster).
@@ -46,13 +51,20 @@ def cmd_train(args, overrides) -> None:
     from medseg_jax.train.loop import train
 
     overrides = _mesh_overrides(args.mesh) + list(overrides)
+    init_from = getattr(args, "init_from", None)
+    command = "medseg pretrain" if task == "pretrain" else "medseg train"
 
     run = runs.RunDir(args.workdir)
     if args.resume or (not args.config and run.config_path.is_file() and not run.has_checkpoint()):
         # --resume, or a run directory that `medseg plan` prepared
         config = config_lib.apply_overrides(run.load_config(), overrides)
-    elif args.init_from and not args.config:  # fine-tune with the source run's whole config (model included)
-        config = runs.RunDir(args.init_from).load_config()
+        made_by = config.get("task", "segment")
+        if args.resume and made_by != task:
+            other = "medseg pretrain" if made_by == "pretrain" else "medseg train"
+            raise MedsegError(f"{run.path}: this run was started by `{other}`; resume it with `{other} --resume`, "
+                              f"not `{command}`")
+    elif init_from and not args.config:  # fine-tune with the source run's whole config (model included)
+        config = runs.RunDir(init_from).load_config()
         with config.unlocked():
             config.train.init_from = ""
         config = config_lib.apply_overrides(config, overrides)
@@ -61,18 +73,43 @@ def cmd_train(args, overrides) -> None:
             raise MedsegError("--config is required (an experiment file such as experiments/demo_ct.py), unless "
                               "--workdir was planned with `medseg plan` or --init-from names a run to fine-tune")
         config = config_lib.load_config(args.config, overrides)
-    if args.init_from:
+    with config.unlocked():
+        config.task = task  # one experiment file serves both commands
+    if init_from:
         with config.train.unlocked():
-            config.train.init_from = str(args.init_from)
+            config.train.init_from = str(init_from)
     if args.dataset:
         config.data.dataset = args.dataset
+    if getattr(args, "store", None):
+        config.data.store = args.store
     summary = train(config, args.workdir, resume=args.resume, profile_steps=args.profile or 0)
     import jax
 
     if jax.process_index() != 0:
         return
+    if task == "pretrain":
+        print(f"pretrained {summary['steps']} steps in {summary['train_seconds']:.0f} s on {summary['device']}; "
+              f"fine-tune with `medseg train --config ... --init-from {args.workdir}`")
+        return
     print(f"trained {summary['steps']} steps in {summary['train_seconds']:.0f} s on {summary['device']}; "
           f"best validation Dice {summary['best_val_dice']}; run directory {args.workdir}")
+
+
+def cmd_federated(args, overrides) -> None:
+    from medseg_jax import config as config_lib
+    from medseg_jax.errors import MedsegError
+
+    try:
+        from medseg_jax.federated.apps import federate, parse_sites
+    except ImportError as error:
+        raise MedsegError(f"federated training needs Flower: pip install 'medseg-jax[federated]' ({error})") from None
+    config = config_lib.load_config(args.config, overrides)
+    summary = federate(config, parse_sites(args.sites), args.workdir, rounds=args.rounds, local_steps=args.local_steps,
+                       strategy=args.strategy, proximal_mu=args.proximal_mu, server_lr=args.server_lr,
+                       dp_clip=args.dp_clip, dp_noise=args.dp_noise, num_gpus_per_site=args.gpus_per_site)
+    resumed = f" (resumed after round {summary['resumed_after_round']})" if summary["resumed_after_round"] else ""
+    print(f"federated: {summary['rounds']} rounds x {summary['local_steps']} local steps{resumed}; best mean "
+          f"validation Dice {summary['best_val_dice']}; global run directory {args.workdir}")
 
 
 def prepare_data_config(config_path, overrides):
@@ -104,7 +141,8 @@ def cmd_prepare(args, overrides) -> None:
 
     data_config = prepare_data_config(args.config, overrides)
     try:
-        result = prepare(args.source, args.out, data_config, skip_bad=args.skip_bad, workers=args.workers)
+        result = prepare(args.source, args.out, data_config, skip_bad=args.skip_bad, workers=args.workers,
+                         unlabelled=args.unlabelled, plan_from=args.plan_from)
     except ValidationFailed as failure:
         for line in failure.report:
             print(line, file=sys.stderr)
@@ -350,24 +388,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modality", choices=["ct", "mri", "us"], default="ct")
     p.add_argument("--cases", type=int, default=20, help="training cases (imagesTr/labelsTr)")
     p.add_argument("--test-cases", type=int, default=5, help="test cases (imagesTs, labels in labelsTs)")
+    p.add_argument("--unlabelled-cases", type=int, default=0,
+                   help="images without labels (imagesUnlabelled, dataset.json's 'unlabelled' list) for pretraining")
     p.add_argument("--seed", type=int, default=0)
 
+    def training_arguments(p):
+        p.add_argument("--config", help="experiment file with get_config() (not needed with --resume)")
+        p.add_argument("--workdir", required=True, help="run directory (new, or existing with --resume)")
+        p.add_argument("--dataset", help="dataset folder; shorthand for --config.data.dataset=DIR")
+        p.add_argument("--store", help="prepared store; shorthand for --config.data.store=STORE")
+        p.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
+        p.add_argument("--mesh", help="devices per mesh axis, e.g. data=2,space=4 (shorthand for --config.mesh.*)")
+        p.add_argument("--profile", type=int, metavar="N", help="write a jax profiler trace of N steps (after the "
+                                                              "first) into RUN/profile/ for TensorBoard or Perfetto")
+        p.add_argument("--coordinator", help="multi-host: HOST:PORT of process 0 (with --num-processes, --process-id)")
+        p.add_argument("--num-processes", type=int, help="multi-host: number of processes")
+        p.add_argument("--process-id", type=int, help="multi-host: this process's index, 0 .. N-1")
+        p.add_argument("--distributed", action="store_true",
+                       help="multi-host: let jax.distributed.initialize find the cluster (TPU pod slices, ...); "
+                            "SLURM (srun) and Open MPI (mpirun) are detected without it")
+
     p = sub.add_parser("train", help="train a model; extra --config.key=value arguments override the config")
-    p.add_argument("--config", help="experiment file with get_config() (not needed with --resume)")
-    p.add_argument("--workdir", required=True, help="run directory (new, or existing with --resume)")
-    p.add_argument("--init-from", help="fine-tune: start from this run's params (trained or made by `medseg import`); "
-                                       "without --config its config is used too")
-    p.add_argument("--dataset", help="dataset folder; shorthand for --config.data.dataset=DIR")
-    p.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
-    p.add_argument("--mesh", help="devices per mesh axis, e.g. data=2,space=4 (shorthand for --config.mesh.*)")
-    p.add_argument("--profile", type=int, metavar="N", help="write a jax profiler trace of N steps (after the first) "
-                                                          "into RUN/profile/ for TensorBoard or Perfetto")
-    p.add_argument("--coordinator", help="multi-host: HOST:PORT of process 0 (with --num-processes, --process-id)")
-    p.add_argument("--num-processes", type=int, help="multi-host: number of processes")
-    p.add_argument("--process-id", type=int, help="multi-host: this process's index, 0 .. N-1")
-    p.add_argument("--distributed", action="store_true",
-                   help="multi-host: let jax.distributed.initialize find the cluster (TPU pod slices, ...); "
-                        "SLURM (srun) and Open MPI (mpirun) are detected without it")
+    training_arguments(p)
+    p.add_argument("--init-from", help="fine-tune: start from this run's params (trained, made by `medseg import`, "
+                                       "or the encoder of a `medseg pretrain` run); without --config its config is "
+                                       "used too")
+
+    p = sub.add_parser("pretrain", help="self-supervised pretraining (masked image modelling) on images, labelled or "
+                                        "not (`medseg prepare --unlabelled`); fine-tune with `medseg train "
+                                        "--init-from`")
+    training_arguments(p)
+
+    p = sub.add_parser("federated", help="federated training with Flower across sites (each trains on its own "
+                                         "store; Flower's simulation runtime on this machine); extra "
+                                         "--config.key=value arguments override the config")
+    p.add_argument("--config", required=True, help="experiment file with get_config()")
+    p.add_argument("--sites", required=True, help="NAME=STORE,NAME=STORE: each site's prepared store (one plan)")
+    p.add_argument("--workdir", required=True, help="the global run directory (sites keep their state in "
+                                                    "WORKDIR/sites/NAME); the same command resumes a killed run")
+    p.add_argument("--rounds", type=int, required=True, help="federated rounds")
+    p.add_argument("--local-steps", type=int, required=True, help="train steps per site and round")
+    p.add_argument("--strategy", choices=["fedavg", "fedprox", "fedadam"], default="fedavg")
+    p.add_argument("--proximal-mu", type=float, default=0.01, help="fedprox: weight of the proximal term")
+    p.add_argument("--server-lr", type=float, default=0.01, help="fedadam: the server's learning rate (eta)")
+    p.add_argument("--dp-clip", type=float, default=0.0, help="differential privacy: clip each site's update to "
+                                                               "this L2 norm (Flower's client-side fixed clipping)")
+    p.add_argument("--dp-noise", type=float, default=0.0, help="differential privacy: Gaussian noise multiplier "
+                                                               "(std = Z x clip / sites) on the aggregate")
+    p.add_argument("--gpus-per-site", type=float, default=0.0, help="GPUs each simulated site holds while it trains")
 
     p = sub.add_parser("prepare", help="validate, fingerprint, plan and preprocess a dataset into a zarr3 store; "
                                        "extra --config.data.key=value arguments override the data config")
@@ -377,6 +445,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-bad", action="store_true", help="prepare the good cases; report the bad ones in the store")
     p.add_argument("--workers", type=int, default=1, help="processes reading and preprocessing cases")
     p.add_argument("--report", help="also write the validation report (TSV) here when validation fails")
+    p.add_argument("--unlabelled", action="store_true",
+                   help="a store of images without labels for `medseg pretrain`: dataset.json's 'unlabelled' list "
+                        "(or imagesUnlabelled/), or every image of a folder of NIfTI files")
+    p.add_argument("--plan-from", metavar="STORE", help="take the plan (spacing, normalisation, channels) of this "
+                                                        "labelled store instead of planning: unlabelled images seen "
+                                                        "as fine-tuning will see them, or federated sites "
+                                                        "preprocessed alike")
 
     p = sub.add_parser("predict", help="segment scans with trained runs, an inference plan or an exported model")
     models = p.add_mutually_exclusive_group(required=True)
@@ -533,9 +608,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     try:
-        if args.command in ("train", "demo", "prepare", "import", "plan", "memory", "sweep"):
-            handler = {"train": cmd_train, "demo": cmd_demo, "prepare": cmd_prepare, "import": cmd_import,
-                       "plan": cmd_plan, "memory": cmd_memory, "sweep": cmd_sweep}[args.command]
+        if args.command in ("train", "pretrain", "federated", "demo", "prepare", "import", "plan", "memory", "sweep"):
+            handler = {"train": cmd_train, "pretrain": cmd_pretrain, "federated": cmd_federated, "demo": cmd_demo,
+                       "prepare": cmd_prepare, "import": cmd_import, "plan": cmd_plan, "memory": cmd_memory,
+                       "sweep": cmd_sweep}[args.command]
             handler(args, _overrides(unknown, parser))
         else:
             if unknown:

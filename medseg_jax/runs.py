@@ -148,10 +148,11 @@ def load_params(path: str | Path, checkpoint: str = "best") -> dict:
     return jax.tree.map(np.asarray, restore_raw(manager, step)["params"])
 
 
-def init_params_from(path: str | Path, params):
+def init_params_from(path: str | Path, params, only=None):
     """Fine-tuning: `params` (the freshly initialised, sharded tree) with every array whose path and shape also exist
     in run `path`'s params replaced by the trained one; the rest (e.g. a head for another number of classes) keeps its
-    initial values. Returns (params, a one-paragraph report). No array in common is an error."""
+    initial values. `only(top_level_name) -> bool` limits the copy to some top-level params (a pretrained encoder).
+    Returns (params, a one-paragraph report). No array in common is an error."""
     source = load_params(path)
     flat_source = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(source)}
     copied, kept = [], []
@@ -159,7 +160,8 @@ def init_params_from(path: str | Path, params):
     def take(key_path, leaf):
         key = jax.tree_util.keystr(key_path)
         value = flat_source.get(key)
-        if value is not None and tuple(value.shape) == tuple(leaf.shape):
+        wanted = only is None or only(str(getattr(key_path[0], "key", key_path[0])))
+        if wanted and value is not None and tuple(value.shape) == tuple(leaf.shape):
             copied.append(key)
             return jax.device_put(np.asarray(value, leaf.dtype), leaf.sharding)
         kept.append(key)
@@ -169,7 +171,8 @@ def init_params_from(path: str | Path, params):
     if not copied:
         raise MedsegError(f"config key 'train.init_from': {path} has no parameter of this model's names and shapes "
                           "(another architecture? use the source run's model section)")
-    report = f"initialised {len(copied)} of {len(copied) + len(kept)} parameter arrays from {path}"
+    report = (f"initialised {len(copied)} of {len(copied) + len(kept)} parameter arrays from {path}"
+              + (" (its encoder only)" if only is not None else ""))
     if kept:
         shown = ", ".join(kept[:4]) + (f" and {len(kept) - 4} more" if len(kept) > 4 else "")
         report += f"; {len(kept)} keep their initial values (absent or another shape there): {shown}"

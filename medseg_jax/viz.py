@@ -36,6 +36,29 @@ def training_curve_png(records: Sequence[dict], path: str | Path) -> None:
     plt.close(fig)
 
 
+def site_curves_png(records: Sequence[dict], path: str | Path) -> None:
+    """Federated training: validation Dice of the global model on each site's cases, per round (`val_dice_<site>`
+    keys of the "val" records), and their mean."""
+    val = [r for r in records if r.get("kind") == "val"]
+    sites = sorted({k[len("val_dice_"):] for r in val for k in r if k.startswith("val_dice_")})
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for site in sites:
+        points = [(r["round"], r[f"val_dice_{site}"]) for r in val if f"val_dice_{site}" in r]
+        ax.plot(*zip(*points), "o-", label=f"site {site}")
+    if val:
+        ax.plot([r["round"] for r in val], [r["val_dice"] for r in val], "k--", label="mean")
+    ax.set_xlabel("round")
+    ax.set_ylabel("validation mean foreground Dice")
+    ax.set_ylim(0, 1)
+    ax.set_title("federated training: the global model on each site")
+    if sites:
+        ax.legend(loc="lower right")
+    fig.tight_layout()
+    with fileio.atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+
+
 def _label_colors(num_labels: int):
     cmap = plt.get_cmap("tab10")
     return [cmap(i % 10) for i in range(num_labels)]

@@ -86,11 +86,13 @@ def case_seed(case_id: str) -> int:
     return zlib.crc32(case_id.encode())
 
 
-def case_fingerprint(case_id: str, image: np.ndarray, label: np.ndarray, spacing: Sequence[float]) -> dict:
-    """Fingerprint of one canonical case; `samples` holds foreground intensities per channel (kept out of JSON)."""
+def case_fingerprint(case_id: str, image: np.ndarray, label: np.ndarray | None, spacing: Sequence[float]) -> dict:
+    """Fingerprint of one canonical case; `samples` holds foreground intensities per channel (kept out of JSON). An
+    unlabelled case (`label` None) samples the voxels that are nonzero in any channel instead."""
     box = nonzero_box(image, label)
-    image_c, label_c = crop(image, box), crop(label, box)
-    foreground = label_c > 0
+    image_c = crop(image, box)
+    label_c = crop(label, box) if label is not None else np.zeros(image_c.shape[:3], np.uint8)
+    foreground = label_c > 0 if label is not None else np.any(image_c != 0, axis=-1)
     rng = np.random.default_rng(case_seed(case_id))
     samples = []
     for channel in range(image.shape[-1]):

@@ -87,16 +87,19 @@ def generate_case(modality: str, seed: int) -> tuple[np.ndarray, np.ndarray, np.
             affine.astype(np.float64))
 
 
-def write_demo_dataset(out_dir, modality: str = "ct", num_train: int = 20, num_test: int = 5, seed: int = 0) -> Path:
+def write_demo_dataset(out_dir, modality: str = "ct", num_train: int = 20, num_test: int = 5, seed: int = 0,
+                       num_unlabelled: int = 0) -> Path:
     """Writes a Decathlon-layout dataset of phantoms into `out_dir` and returns `out_dir`.
 
     `out_dir` must not exist or be an empty folder. Everything is written into a temporary sibling folder that is
     renamed into place at the end, so an interrupted run leaves nothing half-written. Test cases continue the
-    numbering after the training cases and come with labels (labelsTs) for evaluation.
+    numbering after the training cases and come with labels (labelsTs) for evaluation; `num_unlabelled` more cases
+    follow as images only (imagesUnlabelled/, dataset.json's "unlabelled" list), for pretraining.
     """
     _check_modality(modality)
     _check_integer("num_train", num_train, minimum=1)
     _check_integer("num_test", num_test, minimum=0)
+    _check_integer("num_unlabelled", num_unlabelled, minimum=0)
     _check_integer("seed", seed, minimum=0)
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -107,13 +110,17 @@ def write_demo_dataset(out_dir, modality: str = "ct", num_train: int = 20, num_t
                           f"Choose a new or empty folder.")
 
     prefix = modality
-    training, test = [], []
+    training, test, unlabelled = [], [], []
     with atomic_dir(out_dir) as tmp:
-        for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
+        for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs") + (("imagesUnlabelled",) if num_unlabelled else ()):
             (tmp / sub).mkdir()
-        for case_index in range(num_train + num_test):
+        for case_index in range(num_train + num_test + num_unlabelled):
             image, label, affine = generate_case(modality, case_seed(seed, case_index))
             file_name = f"{prefix}_{case_index:03d}.nii.gz"
+            if case_index >= num_train + num_test:
+                _save_nifti(image, affine, tmp / "imagesUnlabelled" / file_name)
+                unlabelled.append(f"./imagesUnlabelled/{file_name}")
+                continue
             is_test = case_index >= num_train
             image_dir, label_dir = ("imagesTs", "labelsTs") if is_test else ("imagesTr", "labelsTr")
             _save_nifti(image, affine, tmp / image_dir / file_name)
@@ -137,6 +144,7 @@ def write_demo_dataset(out_dir, modality: str = "ct", num_train: int = 20, num_t
             "file_ending": ".nii.gz",
             "training": training,
             "test": test,
+            **({"unlabelled": unlabelled} if unlabelled else {}),
         })
         # atomic_dir renames onto out_dir; an empty out_dir left by the user is removed only now, at the last moment.
         if out_dir.is_dir():

@@ -109,14 +109,17 @@ def prepare_case(case: datasets.Case, root: Path, source_root: Path, plan: dict,
     """Reads, preprocesses and writes one case into the store (atomically)."""
     loaded = load_case(case, declared)
     pre = preprocess.preprocess_case(loaded.image, loaded.geometry.spacing, plan, loaded.label)
-    locations, offsets = class_locations(pre.label, fp.case_seed(case.case_id))
-    counts = np.bincount(pre.label.ravel().astype(np.int64))
+    # an unlabelled case (pretraining) stores an all-background label: it compresses to nothing, and every reader of
+    # the store stays as it is
+    label = pre.label if pre.label is not None else np.zeros(pre.image.shape[:3], np.uint8)
+    locations, offsets = class_locations(label, fp.case_seed(case.case_id))
+    counts = np.bincount(label.ravel().astype(np.int64))
     meta = {
         "case_id": case.case_id,
         "shape": [int(s) for s in pre.image.shape[:3]],
         "num_channels": int(pre.image.shape[-1]),
         "source": {"images": [_relative(p, source_root) for p in case.image_paths],
-                   "label": _relative(case.label_path, source_root)},
+                   "label": _relative(case.label_path, source_root) if case.label_path is not None else None},
         "geometry": loaded.geometry.to_dict(),
         "canonical_shape": list(pre.canonical_shape),
         "spacing": list(loaded.geometry.spacing),
@@ -124,7 +127,7 @@ def prepare_case(case: datasets.Case, root: Path, source_root: Path, plan: dict,
         "class_voxels": {str(c): int(n) for c, n in enumerate(counts) if n},
         "class_locations": offsets,
     }
-    store_lib.write_case(root, case.case_id, pre.image, pre.label, locations, meta, plan["chunk_shape"])
+    store_lib.write_case(root, case.case_id, pre.image, label, locations, meta, plan["chunk_shape"])
     return case.case_id
 
 
@@ -163,10 +166,12 @@ def describe_source(spec: datasets.DatasetSpec, cases: Sequence[datasets.Case]) 
         return [[_relative(p, spec.root), p.stat().st_size, p.stat().st_mtime_ns] for p in paths]
 
     json_path = spec.root / "dataset.json"
-    files = [[_relative(json_path, spec.root), json_path.stat().st_size, json_path.stat().st_mtime_ns]]
+    files = ([[_relative(json_path, spec.root), json_path.stat().st_size, json_path.stat().st_mtime_ns]]
+             if json_path.is_file() else [])  # (a folder of unlabelled images has none)
     for case in cases:
         for path in (*case.image_paths, case.label_path):
-            files.extend(stat(path))
+            if path is not None:
+                files.extend(stat(path))
     return {"root": str(spec.root.absolute()), "files": files}
 
 
@@ -188,31 +193,80 @@ def _check_out(out: Path) -> bool:
     return False
 
 
-def prepare(source, out, data_config=None, *, skip_bad: bool = False, workers: int = 1) -> dict:
+def prepare(source, out, data_config=None, *, skip_bad: bool = False, workers: int = 1, unlabelled: bool = False,
+            plan_from=None) -> dict:
     """Prepares the dataset folder `source` into the store `out`; returns a summary dict. One process at a time
-    prepares a store (`fileio.exclusive`); a second gets one line naming the first."""
+    prepares a store (`fileio.exclusive`); a second gets one line naming the first.
+
+    `unlabelled`: a store of images only, for `medseg pretrain`: dataset.json's "unlabelled" list (or the
+    imagesUnlabelled folder), or every image of a plain folder of NIfTI files. `plan_from` (a labelled store) gives
+    the plan (spacing, normalisation, channels) instead of planning from the images, so that pretraining sees the
+    images as fine-tuning will (needed for a plain folder; recommended for CT, whose normalisation is planned from
+    labelled foreground), or that every site of a federated run preprocesses alike (a labelled dataset must then
+    have the plan's labels)."""
     data_config = data_config or fp.default_data_config()
     if workers < 1:
         raise MedsegError(f"--workers {workers}: must be at least 1")
     out = Path(out)
     with fileio.exclusive(out, "being prepared"):
-        return _prepare(Path(source), out, data_config, skip_bad, workers)
+        return _prepare(Path(source), out, data_config, skip_bad, workers, unlabelled,
+                        None if plan_from is None else Path(plan_from))
 
 
-def _prepare(source: Path, out: Path, data_config, skip_bad: bool, workers: int) -> dict:
+def _unlabelled_source(source: Path, problems: list[Problem], plan_from: Path | None) -> datasets.DatasetSpec:
+    """The dataset spec of an unlabelled preparation; its `unlabelled` cases are the ones to prepare."""
+    if (source / "dataset.json").is_file():
+        spec = datasets.load_dataset(source, problems=problems, require_training=False)
+        if not spec.unlabelled and not problems:
+            raise MedsegError(f"{source / 'dataset.json'}: lists no unlabelled images (an 'unlabelled' list of image "
+                              "paths, or an imagesUnlabelled folder)")
+        return spec
+    if plan_from is None:
+        raise MedsegError(f"{source}: a folder of images without dataset.json needs --plan-from STORE (a labelled "
+                          "store whose plan the images follow: channels, spacing, normalisation)")
+    channel_names = {int(k): v for k, v in store_lib.Store(plan_from).plan["channel_names"].items()}
+    cases = tuple(datasets.Case(case_id, paths, None) for case_id, paths in datasets.list_nifti_inputs(source))
+    return datasets.DatasetSpec(root=source, name=source.name, channel_names=channel_names, labels={0: "background"},
+                                training=(), test=(), file_ending=".nii.gz", unlabelled=cases)
+
+
+def _borrowed_plan(plan_from: Path, channels: int) -> tuple[dict, dict]:
+    """(plan, data-config record) of the labelled store `plan_from`, for an unlabelled store that follows it."""
+    store = store_lib.Store(plan_from)
+    if store.num_channels != channels:
+        raise MedsegError(f"--plan-from {plan_from}: its plan has {store.num_channels} channel(s), the images "
+                          f"{channels}")
+    record = json.loads((store.root / "prepare.json").read_text())["data_config"]
+    return dict(store.plan), record
+
+
+def _prepare(source: Path, out: Path, data_config, skip_bad: bool, workers: int, unlabelled: bool = False,
+             plan_from: Path | None = None) -> dict:
     existing = _check_out(out)
     problems: list[Problem] = []
-    spec = datasets.load_dataset(source, problems=problems)
+    if unlabelled:
+        spec = _unlabelled_source(source, problems, plan_from)
+        to_prepare = spec.unlabelled
+    else:
+        spec = datasets.load_dataset(source, problems=problems)
+        to_prepare = spec.training
     declared = sorted(spec.labels)
     if declared != list(range(len(declared))):
         raise MedsegError(f"{spec.root / 'dataset.json'}: label values {declared} are not 0..K-1 (not supported "
                           "yet)")
     config_record = data_config_record(data_config)
+    borrowed = _borrowed_plan(plan_from, len(spec.channel_names)) if plan_from is not None else None
+    if borrowed is not None:  # the images follow the labelled store's data config, whatever this one says
+        config_record = borrowed[1]
+        labels = {str(k): v for k, v in sorted(spec.labels.items())}
+        if not unlabelled and borrowed[0]["labels"] != labels:
+            raise MedsegError(f"--plan-from {plan_from}: its labels {borrowed[0]['labels']} differ from "
+                              f"{spec.root / 'dataset.json'}'s {labels}")
 
     header = None
     if existing and (out / "prepare.json").is_file():
         header = json.loads((out / "prepare.json").read_text())
-        by_id = {c.case_id: c for c in spec.training}
+        by_id = {c.case_id: c for c in to_prepare}
         cases = [by_id[i] for i in header["cases"] if i in by_id]
         if (len(cases) != len(header["cases"]) or header["source"] != describe_source(spec, cases)
                 or header["data_config"] != config_record):
@@ -227,7 +281,7 @@ def _prepare(source: Path, out: Path, data_config, skip_bad: bool, workers: int)
         if done < len(cases):
             log.info("resuming %s: %d of %d cases already prepared", out, done, len(cases))
     else:
-        results = list(_run(validate_case, spec.training, workers, "validating",
+        results = list(_run(validate_case, to_prepare, workers, "validating",
                             (declared, len(spec.channel_names))))
         records = {case_id: record for case_id, record, _ in results if record is not None}
         problems += [problem for _, _, problem in results if problem is not None]
@@ -236,11 +290,17 @@ def _prepare(source: Path, out: Path, data_config, skip_bad: bool, workers: int)
             more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
             raise ValidationFailed(f"{problems[0].line()}{more}; nothing written; fix the bad cases or pass --skip-bad "
                                    "to prepare the good ones", problems)
-        cases = [c for c in spec.training if c.case_id in records]
+        cases = [c for c in to_prepare if c.case_id in records]
         if not cases:
-            raise ValidationFailed(f"{spec.root}: no good training cases; nothing written", problems)
+            raise ValidationFailed(f"{spec.root}: no good {'unlabelled' if unlabelled else 'training'} cases; nothing "
+                                   "written", problems)
         fingerprint = fp.aggregate([records[c.case_id] for c in cases], spec.labels, spec.channel_names)
-        plan = fp.make_plan(fingerprint, spec.labels, spec.channel_names, spec.modality, data_config)
+        if borrowed is not None:
+            plan = borrowed[0]
+        else:
+            plan = fp.make_plan(fingerprint, spec.labels, spec.channel_names, spec.modality, data_config)
+        if unlabelled:
+            plan["labelled"] = False  # `medseg train` refuses the store; `medseg pretrain` reads its images
         if existing:  # a store whose header never finished: ours to clear
             shutil.rmtree(out)
         store_lib.create_root(out)

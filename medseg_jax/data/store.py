@@ -174,6 +174,11 @@ class Store:
         return json.loads((self.root / "fingerprint.json").read_text())
 
     @property
+    def labelled(self) -> bool:
+        """False for a store of images only (`medseg prepare --unlabelled`: labels all zero, for pretraining)."""
+        return bool(self.plan.get("labelled", True))
+
+    @property
     def num_channels(self) -> int:
         return len(self.plan["normalization"])
 

@@ -16,6 +16,9 @@ from medseg_jax.parallel.mesh import mesh_config
 def get_config(model: str = "plain_unet") -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0  # one root key per run: parameters, augmentation (folded per step) and the patch sampler
+    # "segment" (`medseg train`) or "pretrain" (`medseg pretrain`: masked image modelling on images, labels unused);
+    # each command sets it, so one experiment file serves both.
+    config.task = "segment"
 
     # Data: planning keys (read when the store is prepared; a store prepared otherwise is refused), then streaming.
     config.data = default_data_config()  # dataset, store, target_spacing, anisotropy_threshold, normalization,
@@ -64,10 +67,25 @@ def get_config(model: str = "plain_unet") -> ml_collections.ConfigDict:
     config.train.val_every = 5000
     config.train.checkpoint_every = 1000
     config.train.init_from = ""  # a run directory (trained or imported) whose matching params start fine-tuning
+    # What init_from copies: "all" params of matching name and shape, the "encoder"'s only, or "auto" (the encoder
+    # from a `medseg pretrain` run, all from any other). The transferred encoder can stay fixed (freeze_encoder), learn
+    # at encoder_lr_scale x the learning rate, and wait encoder_warmup_steps steps (then as many again to ramp in)
+    # while the new decoder and head warm up.
+    config.train.init_parts = "auto"
+    config.train.freeze_encoder = False
+    config.train.encoder_lr_scale = 1.0
+    config.train.encoder_warmup_steps = 0
     # A step with a non-finite loss, gradient or params is never applied (train/divergence.py); then "stop" ends
     # training with an error naming the step, "skip" goes on unless more than max_nonfinite_steps come in a row.
     config.train.nonfinite = "stop"  # stop | skip
     config.train.max_nonfinite_steps = 10
+
+    # Masked image modelling (`medseg pretrain`, train/experiment.py): blocks of mask_block voxels covering mask_ratio
+    # of each augmented patch are zeroed, and the network (this model section, one output per image channel, no deep
+    # supervision) reconstructs them; the loss counts the masked voxels only (as nnssl's MAE for 3D U-Nets).
+    config.pretrain = ml_collections.ConfigDict()
+    config.pretrain.mask_ratio = 0.6
+    config.pretrain.mask_block = (8, 8, 8)
 
     # Sliding-window inference (validation during training and `medseg predict`).
     config.infer = ml_collections.ConfigDict()

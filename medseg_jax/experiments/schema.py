@@ -16,6 +16,7 @@ from collections.abc import Callable
 import ml_collections
 
 from medseg_jax.data.splits import parse_fold
+from medseg_jax.augment.masking import check_block
 from medseg_jax.errors import MedsegError
 
 
@@ -86,6 +87,11 @@ def mirror_axes(key, value, dims: int = 3):
         raise _fail(key, tuple(value), "names an axis twice")
 
 
+def _boolean(key, value):
+    if not isinstance(value, bool):
+        raise _fail(key, value, "must be true or false")
+
+
 def features(key, value):
     if not isinstance(value, (tuple, list)) or not value:
         raise _fail(key, value, "must list the features of at least one stage, e.g. 32,64,128")
@@ -121,6 +127,13 @@ RULES: dict[str, Callable] = {
     "train.checkpoint_every": whole(1),
     "train.nonfinite": choice("stop", "skip"),
     "train.max_nonfinite_steps": whole(0),
+    "train.init_parts": choice("auto", "all", "encoder"),
+    "train.freeze_encoder": lambda key, value: _boolean(key, value),
+    "train.encoder_lr_scale": number(0.0),
+    "train.encoder_warmup_steps": whole(0),
+    "task": choice("segment", "pretrain"),
+    "pretrain.mask_ratio": number(0.0, 1.0, above=True, below=True),
+    "pretrain.mask_block": sizes((2, 3)),
     "infer.overlap": number(0.0, 1.0, below=True),
     "infer.batch_size": whole(1),
     "infer.mirror_axes": lambda key, value: mirror_axes(key, value),
@@ -150,4 +163,7 @@ def check(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     patch, spacing = _lookup(config, "train.patch_size"), _lookup(config, "data.target_spacing")
     if _MISSING not in (patch, spacing) and spacing and len(spacing) != len(patch):
         raise _fail("data.target_spacing", tuple(spacing), f"must have one value per patch axis ({len(patch)})")
+    block = _lookup(config, "pretrain.mask_block")
+    if _lookup(config, "task") == "pretrain" and _MISSING not in (patch, block):
+        check_block(patch, block)
     return config

@@ -61,6 +61,9 @@ class DatasetSpec:
     training: tuple[Case, ...]
     test: tuple[Case, ...]
     file_ending: str
+    # images without labels, for pretraining: dataset.json's "unlabelled" list (Decathlon layout) or the
+    # imagesUnlabelled folder (nnU-Net layout, channel-suffixed files as imagesTr)
+    unlabelled: tuple[Case, ...] = ()
 
     @property
     def modality(self) -> str:
@@ -291,6 +294,24 @@ def _msd_cases(root: Path, json_path: Path, data: dict,
     return tuple(training), tuple(test)
 
 
+def _msd_unlabelled(root: Path, json_path: Path, data: dict, problems: list[Problem] | None = None) -> tuple[Case, ...]:
+    key = "unlabelled" if "unlabelled" in data else "unlabeled"
+    entries = data.get(key) or []
+    if not isinstance(entries, list):
+        raise MedsegError(f"{json_path}: '{key}' must be a list of image paths")
+    cases = []
+    for i, entry in enumerate(entries):
+        if isinstance(entry, dict):
+            entry = entry.get("image")
+        try:
+            image = _dataset_file(root, json_path, f"{key}[{i}]", entry, allow_dir=True)
+        except MedsegError as error:
+            _collect(problems, _entry_case_id(entry, i, key), error, json_path)
+            continue
+        cases.append(Case(case_id_from_filename(image.name), (image,), None))
+    return tuple(cases)
+
+
 def _nnunet_cases(folder: Path, label_folder: Path, file_ending: str, n_channels: int,
                   require_labels: bool, problems: list[Problem] | None = None) -> tuple[Case, ...]:
     """Cases of an nnU-Net imagesTr / imagesTs folder; a channel may be a DICOM series folder `<case>_<cccc>/`."""
@@ -360,12 +381,14 @@ def _check_unique(json_path: Path, cases: tuple[Case, ...], split: str,
     return tuple(case for case in cases if case.case_id not in duplicates)
 
 
-def load_dataset(root: str | os.PathLike, problems: list[Problem] | None = None) -> DatasetSpec:
+def load_dataset(root: str | os.PathLike, problems: list[Problem] | None = None,
+                 require_training: bool = True) -> DatasetSpec:
     """Reads an MSD or nnU-Net v2 raw dataset folder; every user mistake is a one-line MedsegError.
 
     With a `problems` list, mistakes that concern one case (a missing or misplaced file, a path leaving the dataset
     folder, a duplicate case id) are appended to it and the case is left out, so a validation report can list them
-    all; mistakes in dataset.json itself still raise.
+    all; mistakes in dataset.json itself still raise. `require_training=False` accepts a dataset of unlabelled images
+    only (for pretraining).
     """
     root = Path(root)
     if not root.is_dir():
@@ -380,7 +403,9 @@ def load_dataset(root: str | os.PathLike, problems: list[Problem] | None = None)
     if not isinstance(name, str):
         name = str(name)
 
-    is_msd = isinstance(data.get("training"), list)
+    # Decathlon layout: file lists ("training", or only "unlabelled" for a dataset of images to pretrain on)
+    is_msd = isinstance(data.get("training"), list) or ("training" not in data and any(
+        isinstance(data.get(key), list) for key in ("unlabelled", "unlabeled")))
     if is_msd:
         file_ending = data.get("file_ending", ".nii.gz")
     else:
@@ -391,7 +416,8 @@ def load_dataset(root: str | os.PathLike, problems: list[Problem] | None = None)
         raise MedsegError(f"{json_path}: file_ending {file_ending!r} is not supported (only .nii.gz and .nii)")
 
     if is_msd:
-        training, test = _msd_cases(root, json_path, data, problems)
+        training, test = _msd_cases(root, json_path, dict(data, training=data.get("training") or []), problems)
+        unlabelled = _msd_unlabelled(root, json_path, data, problems)
     else:
         if "dataset" in data:
             raise MedsegError(f"{json_path}: the nnU-Net 'dataset' key (explicit file lists) is not supported yet; "
@@ -401,14 +427,18 @@ def load_dataset(root: str | os.PathLike, problems: list[Problem] | None = None)
                                  problems=problems)
         test = _nnunet_cases(root / "imagesTs", root / "labelsTs", file_ending, n_channels, require_labels=False,
                              problems=problems)
+        unlabelled = tuple(Case(c.case_id, c.image_paths, None) for c in _nnunet_cases(
+            root / "imagesUnlabelled", root / "labelsUnlabelled", file_ending, n_channels, require_labels=False,
+            problems=problems))
         expected = data.get("numTraining")
         if expected is not None and expected != len(training) and problems is None:
             raise MedsegError(f"{json_path}: numTraining is {expected} but {root / 'imagesTr'} holds {len(training)} "
                               "cases")
     training = _check_unique(json_path, training, "training", problems)
     test = _check_unique(json_path, test, "test", problems)
-    if not training and not problems:
+    unlabelled = _check_unique(json_path, unlabelled, "unlabelled", problems)
+    if not training and not problems and require_training:
         raise MedsegError(f"{json_path}: no training cases found (looked in "
                           f"{'the training list' if is_msd else root / 'imagesTr'})")
     return DatasetSpec(root=root, name=name, channel_names=channel_names, labels=labels, training=training, test=test,
-                       file_ending=file_ending)
+                       file_ending=file_ending, unlabelled=unlabelled)

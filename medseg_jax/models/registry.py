@@ -116,6 +116,28 @@ def build_model(model_config: ml_collections.ConfigDict, num_classes: int, in_ch
     return module
 
 
+# The encoder of each network, by the top-level names of its params: what pretraining transfers (`medseg train
+# --init-from` a `medseg pretrain` run) and what `train.freeze_encoder` / `train.encoder_lr_scale` act on.
+_ENCODER_PREFIXES = {"plain_unet": ("encoder",), "resenc_unet": ("stem", "encoder"), "unetr": ("vit",),
+                     "swin_unetr": ("swinViT",), "segresnet": ("convInit", "down_layers_")}
+
+
+def is_encoder_param(model_name: str, top_level_name: str) -> bool:
+    """Whether the params under `top_level_name` belong to the encoder of model `model_name`."""
+    prefixes = _ENCODER_PREFIXES[_ALIASES.get(model_name, model_name)]
+    return any(top_level_name == p or top_level_name.startswith(p) for p in prefixes)
+
+
+def pretraining_network(config: ml_collections.ConfigDict, in_channels: int) -> nn.Module:
+    """The network of `config` for masked image modelling: the same layers, one output per image channel (the
+    reconstruction), no deep supervision. Its encoder's params have the segmentation network's names and shapes."""
+    model = ml_collections.ConfigDict(config.model.to_dict())
+    if "deep_supervision" in model:
+        model.deep_supervision = False
+    return build_model(model, num_classes=in_channels, in_channels=in_channels,
+                       patch_size=tuple(int(p) for p in config.train.patch_size))
+
+
 def output_channels(num_classes: int, regions=None) -> int:
     """Output channels of the network: one per class (softmax), or one per region with `loss.regions` (sigmoid)."""
     return len(regions) if regions else num_classes

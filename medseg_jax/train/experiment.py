@@ -19,10 +19,12 @@ import jax
 import ml_collections
 import optax
 
-from medseg_jax import augment
+from medseg_jax import augment, runs
+from medseg_jax.augment.masking import check_block
 from medseg_jax.errors import MedsegError
 from medseg_jax.infer.forward import make_forward
-from medseg_jax.models.registry import build_network, output_channels
+from medseg_jax.losses.reconstruction import masked_mse
+from medseg_jax.models.registry import build_network, is_encoder_param, output_channels, pretraining_network
 from medseg_jax.parallel import mesh as mesh_lib
 from medseg_jax.train import step as step_lib
 
@@ -42,6 +44,7 @@ class Experiment:
     batch_shardings: dict
     state_template: step_lib.TrainState  # ShapeDtypeStructs with the state's shardings
     train_step: Callable  # jitted train_step(state, batch, key) -> (state, metrics), state donated
+    masking: tuple | None = None  # (block, ratio) of masked image modelling (`medseg pretrain`), else None
 
     @property
     def patch_size(self) -> tuple[int, ...]:
@@ -71,10 +74,54 @@ class Experiment:
         key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=self.layout.replicated())
         return self.train_step.lower(self.state_template, self.abstract_batch(), key).compile()
 
+    def proximal_train_step(self, proximal_mu: float) -> Callable:
+        """The train step with FedProx's proximal term: `step(state, batch, key, anchor_params)`."""
+        return step_lib.make_train_step(self.model, self.optimizer, self.loss_fn, self.augment, self.schedule,
+                                        self.layout, self.state_template, self.batch_shapes, self.masking,
+                                        proximal_mu=float(proximal_mu))
+
     def make_forward(self) -> Callable:
         """`forward(params, windows) -> logits` for windows of `infer.batch_size` patches (validation)."""
         window_shape = (int(self.config.infer.batch_size), *self.patch_size, self.in_channels)
         return make_forward(self.model, self.layout, window_shape, self.state_template.params)
+
+
+def is_pretraining(config: ml_collections.ConfigDict) -> bool:
+    """Whether `config` is a masked-image-modelling run (`medseg pretrain`) rather than segmentation training."""
+    return config.get("task", "segment") == "pretrain"
+
+
+def finetuning_labels(config: ml_collections.ConfigDict) -> Callable | None:
+    """params -> "encoder" | "new" per leaf, when fine-tuning treats the encoder apart (`train.freeze_encoder`,
+    `train.encoder_lr_scale` != 1 or `train.encoder_warmup_steps` > 0); otherwise None (one optimizer for all)."""
+    train = config.train
+    if not (train.get("freeze_encoder", False) or float(train.get("encoder_lr_scale", 1.0)) != 1.0
+            or int(train.get("encoder_warmup_steps", 0)) > 0):
+        return None
+    name = config.model.name
+
+    def labels(params):
+        parts = {key: "encoder" if is_encoder_param(name, key) else "new" for key in params}
+        return {key: jax.tree.map(lambda _, part=parts[key]: part, value) for key, value in params.items()}
+
+    return labels
+
+
+def transferred_params(config: ml_collections.ConfigDict) -> Callable[[str], bool] | None:
+    """Which top-level params `train.init_from` copies (those of matching name and shape among them): the encoder's
+    only (`train.init_parts="encoder"`, or "auto" with a source made by `medseg pretrain`: its decoder learned to
+    reconstruct images, not to segment), or all (None: "all", or "auto" with a trained or imported source)."""
+    parts = config.train.get("init_parts", "auto")
+    if parts not in ("auto", "all", "encoder"):
+        raise MedsegError(f"config key 'train.init_parts': '{parts}' is not one of auto, all, encoder")
+    if parts == "all" or not config.train.get("init_from"):
+        return None
+    if parts == "auto":
+        source = runs.RunDir(config.train.init_from)
+        if not (source.config_path.is_file() and source.load_config().get("task", "segment") == "pretrain"):
+            return None
+    name = config.model.name
+    return lambda key: is_encoder_param(name, key)
 
 
 def check_patch_size(patch_size: Sequence[int], model) -> None:
@@ -92,20 +139,26 @@ def build_experiment(config: ml_collections.ConfigDict, num_classes: int, in_cha
     """The experiment `config` for a dataset of `num_classes` labels and `in_channels` channels over `layout`
     (checks: patch against the network's downsampling, batch over `data`, patch over the spatial mesh axes)."""
     patch = tuple(int(p) for p in config.train.patch_size)
-    model = build_network(config, num_classes, in_channels)
+    pretraining = is_pretraining(config)
+    model = pretraining_network(config, in_channels) if pretraining else build_network(config, num_classes, in_channels)
     check_patch_size(patch, model)
     mesh_lib.check_batch_divisible(config.train.batch_size, layout)
     mesh_lib.check_patch(layout, patch, model)
-    optimizer = step_lib.make_optimizer(config.train)
+    optimizer = step_lib.make_optimizer(config.train, finetuning_labels(config))
     schedule = step_lib.make_schedule(config.train)
     augment_fn = augment.make_pipeline(config.augment, patch, num_classes)
     state_template = step_lib.abstract_train_state(model, optimizer, (1, *patch, in_channels), layout)
     # The loader reads the augmentation's input size: a margin around the patch so rotated corners hold real data.
     shapes = step_lib.batch_shapes(int(config.train.batch_size), augment_fn.input_size, in_channels)
-    loss_fn = step_lib.make_loss_fn(config.loss)
+    masking = None
+    if pretraining:
+        masking = (check_block(patch, config.pretrain.mask_block), float(config.pretrain.mask_ratio))
+        loss_fn = masked_mse
+    else:
+        loss_fn = step_lib.make_loss_fn(config.loss)
     train_step = step_lib.make_train_step(model, optimizer, loss_fn, augment_fn, schedule, layout, state_template,
-                                          shapes)
+                                          shapes, masking)
     return Experiment(config=config, num_classes=int(num_classes), in_channels=int(in_channels), layout=layout,
                       model=model, optimizer=optimizer, schedule=schedule, loss_fn=loss_fn, augment=augment_fn,
                       batch_shapes=shapes, batch_shardings=step_lib.batch_shardings(layout, shapes),
-                      state_template=state_template, train_step=train_step)
+                      state_template=state_template, train_step=train_step, masking=masking)

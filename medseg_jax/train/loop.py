@@ -30,7 +30,7 @@ from medseg_jax.experiments import schema
 from medseg_jax.metrics.overlap import nanmean
 from medseg_jax.parallel import mesh as mesh_lib
 from medseg_jax.train.divergence import DivergenceGuard
-from medseg_jax.train.experiment import build_experiment
+from medseg_jax.train.experiment import build_experiment, is_pretraining, transferred_params
 from medseg_jax.train.metrics_log import MetricsLog
 from medseg_jax.train.validation import evaluate_cases, export_validation, load_val_cases
 
@@ -113,7 +113,14 @@ def _train(config: ml_collections.ConfigDict, run: runs.RunDir, resume: bool, st
     mesh_lib.check_batch_divisible(config.infer.batch_size, layout, key="infer.batch_size")
     store = open_training_store(config.data, run.path)
     plan = store.plan
-    train_ids, val_ids, folds = train_val_cases(config.data, store.case_ids)
+    pretraining = is_pretraining(config)
+    if pretraining:  # masked image modelling learns from every image; nothing to validate a segmentation on
+        train_ids, val_ids, folds = list(store.case_ids), [], None
+    elif not store.labelled:
+        raise MedsegError(f"{store.root}: this store holds images without labels (prepared with --unlabelled): "
+                          "pretrain on it with `medseg pretrain`, and train on a labelled store")
+    else:
+        train_ids, val_ids, folds = train_val_cases(config.data, store.case_ids)
     val_cases = load_val_cases(store, val_ids)
     num_classes = len(plan["labels"])
     experiment = build_experiment(config, num_classes, len(plan["normalization"]), layout)
@@ -125,8 +132,10 @@ def _train(config: ml_collections.ConfigDict, run: runs.RunDir, resume: bool, st
     shapes, shardings = experiment.batch_shapes, experiment.batch_shardings
     # Each process reads only the samples its devices hold (all of them when the batch is not split over processes).
     rows = mesh_lib.local_rows(shardings["image"], shapes["image"])
+    # (pretraining samples patches anywhere: its store may hold no labels to centre them on)
+    oversample = 0.0 if pretraining else config.data.oversample_foreground
     sampler = loader.PatchSampler(store, train_ids, experiment.augment.input_size, config.train.batch_size,
-                                  config.data.oversample_foreground, config.seed, rows)
+                                  oversample, config.seed, rows)
     if jax.process_count() > 1:
         log.info("process %d of %d: %d local devices, reads batch rows %s", jax.process_index(), jax.process_count(),
                  jax.local_device_count(), rows)
@@ -156,7 +165,8 @@ def _train(config: ml_collections.ConfigDict, run: runs.RunDir, resume: bool, st
         if jax.process_index() == 0:
             log.info("resumed from step %d on %s", start_step, mesh_lib.describe_mesh(layout))
     elif config.train.get("init_from"):
-        params, report = runs.init_params_from(config.train.init_from, state.params)
+        params, report = runs.init_params_from(config.train.init_from, state.params,
+                                               only=transferred_params(config))
         state = state.replace(params=params)
         if jax.process_index() == 0:
             log.info("%s", report)
@@ -261,7 +271,8 @@ def _train(config: ml_collections.ConfigDict, run: runs.RunDir, resume: bool, st
                "first_step_seconds": first_step_seconds,
                "device": mesh_lib.describe_devices(), "mesh": layout.describe(),
                "processes": jax.process_count(), "best_val_dice": None if np.isnan(best_dice) else best_dice,
-               "best_step": best.best_step(), "store": str(store.root), "skipped_steps": guard.skipped}
+               "best_step": best.best_step(), "store": str(store.root), "skipped_steps": guard.skipped,
+               "task": "pretrain" if pretraining else "segment"}
     if original_dice:
         per_class = {str(c): nanmean([d.get(c, float("nan")) for d in original_dice.values()])
                      for c in range(1, num_classes)}

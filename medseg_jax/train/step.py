@@ -21,6 +21,7 @@ import ml_collections
 import optax
 
 from medseg_jax import losses
+from medseg_jax.augment.masking import mask_batch
 from medseg_jax.errors import MedsegError
 from medseg_jax.parallel import mesh as mesh_lib
 
@@ -52,16 +53,41 @@ def make_schedule(train_config: ml_collections.ConfigDict) -> optax.Schedule:
                       "(known: cosine, poly, constant)")
 
 
-def make_optimizer(train_config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    schedule = make_schedule(train_config)
+def _optimizer(train_config: ml_collections.ConfigDict, schedule: optax.Schedule) -> optax.GradientTransformation:
     if train_config.optimizer == "adamw":
-        tx = optax.adamw(schedule, weight_decay=train_config.weight_decay)
-    elif train_config.optimizer == "sgd":  # nnU-Net's default: SGD, Nesterov momentum 0.99
-        tx = optax.chain(optax.add_decayed_weights(train_config.weight_decay),
-                         optax.sgd(schedule, momentum=0.99, nesterov=True))
-    else:
-        raise MedsegError(f"config key 'train.optimizer': unknown optimizer '{train_config.optimizer}' "
-                          "(known: adamw, sgd)")
+        return optax.adamw(schedule, weight_decay=train_config.weight_decay)
+    if train_config.optimizer == "sgd":  # nnU-Net's default: SGD, Nesterov momentum 0.99
+        return optax.chain(optax.add_decayed_weights(train_config.weight_decay),
+                           optax.sgd(schedule, momentum=0.99, nesterov=True))
+    raise MedsegError(f"config key 'train.optimizer': unknown optimizer '{train_config.optimizer}' "
+                      "(known: adamw, sgd)")
+
+
+def encoder_schedule(train_config: ml_collections.ConfigDict, schedule: optax.Schedule) -> optax.Schedule:
+    """The transferred encoder's learning rate when fine-tuning: `encoder_lr_scale` x the schedule, held at zero for
+    the first `encoder_warmup_steps` steps (the new decoder and head warm up on a fixed encoder, so their first, large
+    gradients do not wash out what pretraining learned) and ramped in linearly over as many steps again."""
+    scale = float(train_config.get("encoder_lr_scale", 1.0))
+    warmup = int(train_config.get("encoder_warmup_steps", 0))
+
+    def lr(step):
+        ramp = jnp.clip((step - warmup) / warmup, 0.0, 1.0) if warmup else 1.0
+        return scale * ramp * schedule(step)
+
+    return lr
+
+
+def make_optimizer(train_config: ml_collections.ConfigDict, param_labels: Callable | None = None
+                   ) -> optax.GradientTransformation:
+    """The optimizer of `config.train`. With `param_labels` (params -> the same tree of "encoder" | "new"), the
+    encoder follows `encoder_schedule` (or stays fixed with `train.freeze_encoder`) and the rest the schedule; the
+    gradient is clipped by its global norm over both."""
+    schedule = make_schedule(train_config)
+    tx = _optimizer(train_config, schedule)
+    if param_labels is not None:
+        encoder = (optax.set_to_zero() if train_config.get("freeze_encoder", False)
+                   else _optimizer(train_config, encoder_schedule(train_config, schedule)))
+        tx = optax.multi_transform({"encoder": encoder, "new": tx}, param_labels)
     if train_config.grad_clip:
         tx = optax.chain(optax.clip_by_global_norm(train_config.grad_clip), tx)
     return tx
@@ -112,31 +138,42 @@ def batch_shardings(layout: mesh_lib.MeshLayout, shapes: dict) -> dict:
             "label": layout.array_sharding(shapes["label"], channels=False)}
 
 
-def _loss_and_grads(model: nn.Module, loss_fn: Callable, augment_fn: Callable | None, params, batch: dict, key):
+# Masked image modelling draws its masks from the step's key folded with this (augmentation splits the key itself).
+MASK_STREAM = 0x6D61736B
+
+
+def _loss_and_grads(model: nn.Module, loss_fn: Callable, augment_fn: Callable | None, params, batch: dict, key,
+                    masking: tuple | None = None):
     """Augmentation (one key per sample), the forward pass and the loss's value and gradient; activations pinned to
-    the layout active while tracing."""
+    the layout active while tracing. With `masking` = (block, ratio) the step is masked image modelling: blocks of the
+    augmented image are zeroed and `loss_fn(outputs, (image, mask))` scores their reconstruction (labels unused)."""
     image, label = batch["image"], batch["label"]
     if augment_fn is not None:
         sample_keys = jax.random.split(key, image.shape[0])
         image, label = jax.vmap(augment_fn)(sample_keys, image, label)
     image = mesh_lib.constrain(image)
     label = mesh_lib.constrain(label, channels=False)
+    if masking is None:
+        inputs, targets = image, label
+    else:
+        inputs, mask = mask_batch(jax.random.fold_in(key, MASK_STREAM), image, *masking)
+        inputs, targets = mesh_lib.constrain(inputs), (image, mesh_lib.constrain(mask))
 
     def compute_loss(params):
         params = mesh_lib.gather_params(params)  # split params (mesh.params="sharded") are used whole
-        return loss_fn(model.apply({"params": params}, image, train=True), label)
+        return loss_fn(model.apply({"params": params}, inputs, train=True), targets)
 
     return jax.value_and_grad(compute_loss)(params)
 
 
 def make_grad_fn(model: nn.Module, loss_fn: Callable, augment_fn: Callable | None, layout: mesh_lib.MeshLayout,
-                 params_template, shapes: dict):
+                 params_template, shapes: dict, masking: tuple | None = None):
     """Jitted `grad_fn(params, batch, key) -> (loss, grads)`: what the train step computes before the optimizer, with
     the same shardings (tests compare it across meshes)."""
 
     def grad_fn(params, batch, key):
         with mesh_lib.activation_layout(layout):
-            return _loss_and_grads(model, loss_fn, augment_fn, params, batch, key)
+            return _loss_and_grads(model, loss_fn, augment_fn, params, batch, key, masking)
 
     params_sharding = layout.tree_shardings(params_template)
     return jax.jit(grad_fn, in_shardings=(params_sharding, batch_shardings(layout, shapes), layout.replicated()),
@@ -155,14 +192,19 @@ def keep_unless(ok: jax.Array, new, old):
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, loss_fn: Callable,
                     augment_fn: Callable | None, schedule: optax.Schedule, layout: mesh_lib.MeshLayout, state_template,
-                    shapes: dict):
+                    shapes: dict, masking: tuple | None = None, proximal_mu: float = 0.0):
     """Returns the jitted `train_step(state, batch, key) -> (state, metrics)` for batches of `shapes`
     (`batch_shapes(...)`). The batch arrives split over `data` (and the spatial mesh axes where they divide); after
-    augmentation the patch and every U-Net level's activations are pinned to the layout (`mesh_lib.constrain`)."""
+    augmentation the patch and every U-Net level's activations are pinned to the layout (`mesh_lib.constrain`).
 
-    def train_step(state: TrainState, batch: dict, key: jax.Array):
+    With `proximal_mu` > 0 (FedProx's local objective: loss + mu/2 |params - anchor|^2) the step takes a fourth
+    argument, the anchor params (the round's global model), and adds mu (params - anchor) to the gradient."""
+
+    def train_step(state: TrainState, batch: dict, key: jax.Array, *anchor):
         with mesh_lib.activation_layout(layout):
-            loss, grads = _loss_and_grads(model, loss_fn, augment_fn, state.params, batch, key)
+            loss, grads = _loss_and_grads(model, loss_fn, augment_fn, state.params, batch, key, masking)
+            if proximal_mu:
+                grads = jax.tree.map(lambda g, p, a: g + proximal_mu * (p - a), grads, state.params, anchor[0])
             grad_norm = optax.tree.norm(grads)
             updates, opt_state = tx.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
@@ -176,5 +218,6 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, loss_fn:
             return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     shardings = state_shardings(state_template, layout)
-    return jax.jit(train_step, in_shardings=(shardings, batch_shardings(layout, shapes), layout.replicated()),
+    anchor = (shardings.params,) if proximal_mu else ()
+    return jax.jit(train_step, in_shardings=(shardings, batch_shardings(layout, shapes), layout.replicated(), *anchor),
                    out_shardings=(shardings, layout.replicated()), donate_argnums=(0,))
