@@ -202,6 +202,7 @@ def test_bfloat16_compute_is_close_and_keeps_float32_params(tiny_2d):
     assert rel_l2(ours, tiny_2d["reference"]) < 5e-2
 
 
+@pytest.mark.slow  # 25-35 s on 2 cores; the U-Nets' and SegResNet's remat stay in `make test`
 def test_remat_gives_identical_outputs_and_gradients():
     plain = SwinUNETR(num_classes=2, feature_size=12, depths=(1, 1, 1, 1), num_heads=(1, 2, 3, 4), window_size=4,
                       spatial_dims=2, use_v2=True)

@@ -159,6 +159,7 @@ def test_bfloat16_close_to_float32(tiny):
     assert rel_l2(np.moveaxis(np.asarray(ours), -1, 1), tiny["reference"]) < 5e-2
 
 
+@pytest.mark.slow  # 25-35 s on 2 cores; the U-Nets' and SegResNet's remat stay in `make test`
 def test_remat_same_outputs_and_gradients():
     module = UNETR(num_classes=2, in_channels=1, img_size=(16, 32), feature_size=4, hidden_size=16, mlp_dim=16,
                    num_heads=2, spatial_dims=2)
