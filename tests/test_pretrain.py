@@ -152,3 +152,30 @@ def test_fine_tuning_with_a_frozen_encoder_keeps_it_and_trains_the_rest(pretrain
             assert all(same), key
         elif key.startswith("decoder"):
             assert not any(same), key
+
+
+def test_encoder_warmup_holds_the_encoder_then_ramps_it_in():
+    import ml_collections
+    import optax
+
+    from medseg_jax.train.step import encoder_schedule
+
+    train = ml_collections.ConfigDict({"encoder_lr_scale": 0.5, "encoder_warmup_steps": 4})
+    lr = encoder_schedule(train, optax.constant_schedule(0.01))
+    values = [float(lr(step)) for step in range(10)]
+    assert values[:5] == [0.0] * 5  # held while the new parts warm up
+    np.testing.assert_allclose(values[5:], [0.00125, 0.0025, 0.00375, 0.005, 0.005], rtol=1e-6)  # ramped in, scaled
+
+
+def test_fine_tuning_with_an_encoder_warmup_keeps_the_encoder_during_it(pretrained):
+    run = pretrained / "warmup"
+    code = cli.main(["train", "--config", str(REPO / "experiments" / "demo_ct.py"), "--workdir", str(run),
+                     "--store", str(pretrained / "store"), "--init-from", str(pretrained / "pre"), *TINY_OVERRIDES,
+                     "--config.train.steps=2", "--config.train.val_every=2", "--config.train.encoder_warmup_steps=2",
+                     "--config.augment.preset=none"])
+    assert code == 0
+    source, tuned = runs.load_params(pretrained / "pre"), runs.load_params(run, checkpoint="latest")
+    for key in tuned:
+        same = [np.array_equal(a, b) for a, b in zip(jax.tree.leaves(tuned[key]), jax.tree.leaves(source[key]))]
+        if is_encoder_param("plain_unet", key):
+            assert all(same), key
