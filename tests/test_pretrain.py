@@ -138,16 +138,23 @@ def test_init_from_a_pretrained_run_copies_exactly_the_encoder(pretrained):
     assert transferred_params(config) is None
 
 
-def test_fine_tuning_with_a_frozen_encoder_keeps_it_and_trains_the_rest(pretrained):
-    run = pretrained / "fine"
+def _fine_tune_from_pretrained(pretrained, name: str, steps: int, option: str) -> dict[str, list[bool]]:
+    """Fine-tunes the pretraining run for `steps` steps with `option`; per top-level param, whether each array still
+    equals the pretrained one."""
+    run = pretrained / name
     code = cli.main(["train", "--config", str(REPO / "experiments" / "demo_ct.py"), "--workdir", str(run),
                      "--store", str(pretrained / "store"), "--init-from", str(pretrained / "pre"), *TINY_OVERRIDES,
-                     "--config.train.steps=3", "--config.train.val_every=3", "--config.train.freeze_encoder=true",
+                     f"--config.train.steps={steps}", f"--config.train.val_every={steps}", option,
                      "--config.augment.preset=none"])
     assert code == 0
     source, tuned = runs.load_params(pretrained / "pre"), runs.load_params(run, checkpoint="latest")
-    for key in tuned:
-        same = [np.array_equal(a, b) for a, b in zip(jax.tree.leaves(tuned[key]), jax.tree.leaves(source[key]))]
+    return {key: [np.array_equal(a, b) for a, b in zip(jax.tree.leaves(tuned[key]), jax.tree.leaves(source[key]))]
+            for key in tuned}
+
+
+def test_fine_tuning_with_a_frozen_encoder_keeps_it_and_trains_the_rest(pretrained):
+    unchanged = _fine_tune_from_pretrained(pretrained, "fine", 3, "--config.train.freeze_encoder=true")
+    for key, same in unchanged.items():
         if is_encoder_param("plain_unet", key):
             assert all(same), key
         elif key.startswith("decoder"):
@@ -168,14 +175,7 @@ def test_encoder_warmup_holds_the_encoder_then_ramps_it_in():
 
 
 def test_fine_tuning_with_an_encoder_warmup_keeps_the_encoder_during_it(pretrained):
-    run = pretrained / "warmup"
-    code = cli.main(["train", "--config", str(REPO / "experiments" / "demo_ct.py"), "--workdir", str(run),
-                     "--store", str(pretrained / "store"), "--init-from", str(pretrained / "pre"), *TINY_OVERRIDES,
-                     "--config.train.steps=2", "--config.train.val_every=2", "--config.train.encoder_warmup_steps=2",
-                     "--config.augment.preset=none"])
-    assert code == 0
-    source, tuned = runs.load_params(pretrained / "pre"), runs.load_params(run, checkpoint="latest")
-    for key in tuned:
-        same = [np.array_equal(a, b) for a, b in zip(jax.tree.leaves(tuned[key]), jax.tree.leaves(source[key]))]
+    unchanged = _fine_tune_from_pretrained(pretrained, "warmup", 2, "--config.train.encoder_warmup_steps=2")
+    for key, same in unchanged.items():
         if is_encoder_param("plain_unet", key):
             assert all(same), key

@@ -213,7 +213,8 @@ def prepare(source, out, data_config=None, *, skip_bad: bool = False, workers: i
                         None if plan_from is None else Path(plan_from))
 
 
-def _unlabelled_source(source: Path, problems: list[Problem], plan_from: Path | None) -> datasets.DatasetSpec:
+def _unlabelled_source(source: Path, problems: list[Problem],
+                       plan_store: store_lib.Store | None) -> datasets.DatasetSpec:
     """The dataset spec of an unlabelled preparation; its `unlabelled` cases are the ones to prepare."""
     if (source / "dataset.json").is_file():
         spec = datasets.load_dataset(source, problems=problems, require_training=False)
@@ -221,20 +222,19 @@ def _unlabelled_source(source: Path, problems: list[Problem], plan_from: Path | 
             raise MedsegError(f"{source / 'dataset.json'}: lists no unlabelled images (an 'unlabelled' list of image "
                               "paths, or an imagesUnlabelled folder)")
         return spec
-    if plan_from is None:
+    if plan_store is None:
         raise MedsegError(f"{source}: a folder of images without dataset.json needs --plan-from STORE (a labelled "
                           "store whose plan the images follow: channels, spacing, normalisation)")
-    channel_names = {int(k): v for k, v in store_lib.Store(plan_from).plan["channel_names"].items()}
+    channel_names = {int(k): v for k, v in plan_store.plan["channel_names"].items()}
     cases = tuple(datasets.Case(case_id, paths, None) for case_id, paths in datasets.list_nifti_inputs(source))
     return datasets.DatasetSpec(root=source, name=source.name, channel_names=channel_names, labels={0: "background"},
                                 training=(), test=(), file_ending=".nii.gz", unlabelled=cases)
 
 
-def _borrowed_plan(plan_from: Path, channels: int) -> tuple[dict, dict]:
-    """(plan, data-config record) of the labelled store `plan_from`, for an unlabelled store that follows it."""
-    store = store_lib.Store(plan_from)
+def _borrowed_plan(store: store_lib.Store, channels: int) -> tuple[dict, dict]:
+    """(plan, data-config record) of the labelled store given by --plan-from, for a store that follows it."""
     if store.num_channels != channels:
-        raise MedsegError(f"--plan-from {plan_from}: its plan has {store.num_channels} channel(s), the images "
+        raise MedsegError(f"--plan-from {store.root}: its plan has {store.num_channels} channel(s), the images "
                           f"{channels}")
     record = json.loads((store.root / "prepare.json").read_text())["data_config"]
     return dict(store.plan), record
@@ -244,8 +244,9 @@ def _prepare(source: Path, out: Path, data_config, skip_bad: bool, workers: int,
              plan_from: Path | None = None) -> dict:
     existing = _check_out(out)
     problems: list[Problem] = []
+    plan_store = store_lib.Store(plan_from) if plan_from is not None else None
     if unlabelled:
-        spec = _unlabelled_source(source, problems, plan_from)
+        spec = _unlabelled_source(source, problems, plan_store)
         to_prepare = spec.unlabelled
     else:
         spec = datasets.load_dataset(source, problems=problems)
@@ -255,7 +256,7 @@ def _prepare(source: Path, out: Path, data_config, skip_bad: bool, workers: int,
         raise MedsegError(f"{spec.root / 'dataset.json'}: label values {declared} are not 0..K-1 (not supported "
                           "yet)")
     config_record = data_config_record(data_config)
-    borrowed = _borrowed_plan(plan_from, len(spec.channel_names)) if plan_from is not None else None
+    borrowed = _borrowed_plan(plan_store, len(spec.channel_names)) if plan_store is not None else None
     if borrowed is not None:  # the images follow the labelled store's data config, whatever this one says
         config_record = borrowed[1]
         labels = {str(k): v for k, v in sorted(spec.labels.items())}

@@ -128,7 +128,7 @@ RULES: dict[str, Callable] = {
     "train.nonfinite": choice("stop", "skip"),
     "train.max_nonfinite_steps": whole(0),
     "train.init_parts": choice("auto", "all", "encoder"),
-    "train.freeze_encoder": lambda key, value: _boolean(key, value),
+    "train.freeze_encoder": _boolean,
     "train.encoder_lr_scale": number(0.0),
     "train.encoder_warmup_steps": whole(0),
     "task": choice("segment", "pretrain"),

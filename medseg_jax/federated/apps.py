@@ -10,7 +10,6 @@ configured by the run config (`experiment`, `plans`, `workdir`, `rounds`, `local
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 
@@ -21,8 +20,6 @@ from medseg_jax.errors import MedsegError
 from medseg_jax.federated.server import STRATEGIES, GlobalRun, make_strategy, run_rounds
 from medseg_jax.federated.site import Site, site_config
 
-log = logging.getLogger(__name__)
-
 # Sites this process serves, built once: a simulation actor serves several sites in turn, and compiling the step
 # once per site and process is what keeps rounds cheap. Their state is also on disk (site.py).
 _SITES: dict[tuple[str, str, str], Site] = {}
@@ -31,23 +28,25 @@ _SITES: dict[tuple[str, str, str], Site] = {}
 def _site(context, settings: dict | None) -> Site:
     """The site this ClientApp call is for: by the simulated node's partition id, or by the SuperNode's config."""
     node = dict(context.node_config)
-    if settings is not None and "partition-id" in node:
+    simulated = settings is not None and "partition-id" in node
+    if simulated:
         name, store, workdir = settings["sites"][int(node["partition-id"])]
-        experiment = settings["config"]
-        rounds, local_steps = settings["rounds"], settings["local_steps"]
     else:
-        run = dict(context.run_config)
         missing = [k for k in ("store", "workdir") if k not in node]
         if missing:
             raise MedsegError(f"SuperNode node config lacks {missing[0]!r} (give --node-config \"site='A' "
                               "store='/data/store' workdir='/data/medseg_site'\")")
         name, store, workdir = str(node.get("site", context.node_id)), node["store"], node["workdir"]
-        experiment = config_lib.to_plain(config_lib.load_config(run["experiment"], []))
-        rounds, local_steps = int(run["rounds"]), int(run["local-steps"])
     key = (name, str(store), str(workdir))
-    if key not in _SITES:
-        config = site_config(ml_collections.ConfigDict(experiment), store, rounds, local_steps)
-        _SITES[key] = Site(name, config, workdir)
+    if key not in _SITES:  # (the experiment is read and the step built once per site and process)
+        if simulated:
+            config = ml_collections.ConfigDict(settings["config"])
+            rounds, local_steps = settings["rounds"], settings["local_steps"]
+        else:
+            run = dict(context.run_config)
+            config = config_lib.load_config(run["experiment"], [])
+            rounds, local_steps = int(run["rounds"]), int(run["local-steps"])
+        _SITES[key] = Site(name, site_config(config, store, rounds, local_steps), workdir)
     return _SITES[key]
 
 
@@ -155,6 +154,15 @@ def common_plan(sites: list[tuple[str, str]]) -> dict:
     return first
 
 
+def global_config(config: ml_collections.ConfigDict, rounds: int, local_steps: int) -> ml_collections.ConfigDict:
+    """The experiment as the global run records it: segmentation, its schedule over rounds x local steps."""
+    config = ml_collections.ConfigDict(config.to_dict())
+    with config.unlocked():
+        config.task = "segment"
+        config.train.steps = int(rounds) * int(local_steps)
+    return config
+
+
 def federate(config: ml_collections.ConfigDict, sites: list[tuple[str, str]], workdir: str | Path, *, rounds: int,
              local_steps: int, strategy: str = "fedavg", proximal_mu: float = 0.01, server_lr: float = 0.01,
              dp_clip: float = 0.0, dp_noise: float = 0.0, num_gpus_per_site: float = 0.0) -> dict:
@@ -170,10 +178,7 @@ def federate(config: ml_collections.ConfigDict, sites: list[tuple[str, str]], wo
         raise MedsegError(f"--strategy {strategy}: not one of {', '.join(STRATEGIES)}")
     if dp_clip < 0 or dp_noise < 0 or (dp_noise and not dp_clip):
         raise MedsegError("--dp-clip C --dp-noise Z: C > 0 (the clipping norm of each site's update) and Z >= 0")
-    config = ml_collections.ConfigDict(config.to_dict())
-    with config.unlocked():
-        config.task = "segment"
-        config.train.steps = rounds * local_steps
+    config = global_config(config, rounds, local_steps)
     schema.check(config)
     plan = common_plan(sites)
     workdir = Path(workdir)
@@ -200,11 +205,8 @@ def deployment_settings(context) -> dict:
     import json
 
     run = dict(context.run_config)
-    config = config_lib.load_config(run["experiment"], [])
     rounds, local_steps = int(run["rounds"]), int(run["local-steps"])
-    with config.unlocked():
-        config.task = "segment"
-        config.train.steps = rounds * local_steps
+    config = global_config(config_lib.load_config(run["experiment"], []), rounds, local_steps)
     sites = [(name, "", "") for name in str(run.get("sites", "")).split(",") if name] or [("site", "", "")]
     return {"sites": sites, "config": config_lib.to_plain(config),
             "plan": json.loads(Path(run["plans"]).read_text()), "rounds": rounds, "local_steps": local_steps,

@@ -19,7 +19,6 @@ import logging
 import time
 from pathlib import Path
 
-import jax
 import ml_collections
 import numpy as np
 
@@ -27,7 +26,7 @@ from medseg_jax import fileio, runs, viz
 from medseg_jax.errors import MedsegError
 from medseg_jax.federated.site import flatten, nest
 from medseg_jax.parallel import mesh as mesh_lib
-from medseg_jax.train.experiment import build_experiment
+from medseg_jax.train.experiment import build_experiment, run_keys
 from medseg_jax.train.metrics_log import MetricsLog
 
 log = logging.getLogger(__name__)
@@ -111,8 +110,7 @@ class GlobalRun:
         """The params round 1 starts from: the experiment's initialisation with its seed, as ordinary training's."""
         layout = mesh_lib.make_mesh_layout(None, spatial_dims=len(self.config.train.patch_size))
         experiment = build_experiment(self.config, len(self.plan["labels"]), len(self.plan["normalization"]), layout)
-        init_key = jax.random.split(jax.random.key(self.config.seed))[0]
-        return flatten(experiment.init_state(init_key).params)
+        return flatten(experiment.init_state(run_keys(self.config.seed)[0]).params)
 
     def restore(self, strategy) -> dict[str, np.ndarray]:
         """The global params after the last saved round (its strategy state restored into `strategy`)."""
@@ -183,9 +181,8 @@ def run_rounds(grid, strategy, global_run: GlobalRun, rounds: int, timeout: floa
                                                                          grid), timeout=timeout))
         site_val = [(site, m) for site, m in _reply_metrics(replies) if m.get("num-examples")]
         step = server_round * local_steps
-        weights = [m["num-examples"] for _, m in site_train]
-        global_run.metrics.write({"kind": "train", "step": step, "round": server_round,
-                                  "loss": float(np.average([m["loss"] for _, m in site_train], weights=weights)),
+        loss = float(np.average([m["loss"] for _, m in site_train], weights=[m["num-examples"] for _, m in site_train]))
+        global_run.metrics.write({"kind": "train", "step": step, "round": server_round, "loss": loss,
                                   **{f"loss_{site}": m["loss"] for site, m in site_train}})
         mean_dice = None
         if site_val:
@@ -195,8 +192,7 @@ def run_rounds(grid, strategy, global_run: GlobalRun, rounds: int, timeout: floa
                                       **{f"val_dice_{site}": m["val_dice"] for site, m in site_val}})
             best = mean_dice if best is None else max(best, mean_dice)
         global_run.save_round(server_round, params, strategy, mean_dice)
-        log.info("round %d of %d: loss %.4f, validation Dice %s", server_round, rounds,
-                 np.average([m["loss"] for _, m in site_train], weights=weights),
+        log.info("round %d of %d: loss %.4f, validation Dice %s", server_round, rounds, loss,
                  "n/a" if mean_dice is None else f"{mean_dice:.4f}")
     summary = {"rounds": rounds, "local_steps": local_steps, "steps": rounds * local_steps,
                "resumed_after_round": global_run.resumed_round, "wall_seconds": round(time.time() - started, 1),

@@ -10,7 +10,6 @@ real deployment where the client process does not outlive a round. Batches and a
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import jax
@@ -25,16 +24,17 @@ from medseg_jax.data.splits import train_val_cases
 from medseg_jax.data.training_store import open_training_store
 from medseg_jax.errors import MedsegError
 from medseg_jax.parallel import mesh as mesh_lib
-from medseg_jax.train.experiment import build_experiment
+from medseg_jax.train.experiment import build_experiment, run_keys
 from medseg_jax.train.validation import evaluate_cases, load_val_cases
 
-log = logging.getLogger(__name__)
+
+def _name(path) -> str:
+    return "/".join(str(getattr(k, "key", k)) for k in path)
 
 
 def flatten(params) -> dict[str, np.ndarray]:
     """{"encoder0/conv0/kernel": array, ...}: the params as the flat, named arrays a Flower ArrayRecord carries."""
-    return {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(leaf)
-            for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
+    return {_name(path): np.asarray(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
 
 
 def nest(flat: dict[str, np.ndarray]) -> dict:
@@ -53,7 +53,7 @@ def unflatten(flat: dict[str, np.ndarray], template):
     """`flat` put back into the tree of `template` (its shardings and dtypes); a missing or misshaped array is an error
     naming it (a site or server built with another model)."""
     def take(path, leaf):
-        key = "/".join(str(getattr(k, "key", k)) for k in path)
+        key = _name(path)
         if key not in flat:
             raise MedsegError(f"federated params: '{key}' missing (the server and this site build different models)")
         value = np.asarray(flat[key])
@@ -88,8 +88,8 @@ class Site:
         self.experiment = build_experiment(config, self.num_classes, self.store.num_channels, self.layout)
         # The keys of ordinary training: params from init_key (replaced by the global ones every round), the
         # augmentation key of step s = step_key folded with s.
-        init_key, self.step_key = jax.random.split(jax.random.key(config.seed))
-        self.state = self.experiment.init_state(init_key)
+        self.init_key, self.step_key = run_keys(config.seed)
+        self.state = self.experiment.init_state(self.init_key)
         self.round = 0  # the round self.state belongs to
         shapes = self.experiment.batch_shapes
         self.rows = mesh_lib.local_rows(self.experiment.batch_shardings["image"], shapes["image"])
@@ -114,8 +114,7 @@ class Site:
         if self.round == server_round - 1:
             return self.state
         if server_round == 1:
-            init_key = jax.random.split(jax.random.key(self.config.seed))[0]
-            return self.experiment.init_state(init_key)
+            return self.experiment.init_state(self.init_key)
         if server_round - 1 not in self.rounds.all_steps():
             raise MedsegError(f"site {self.name}: no local state of round {server_round - 1} in "
                               f"{self.rounds.directory} (rounds saved: {sorted(self.rounds.all_steps())}); was this "

@@ -277,39 +277,35 @@ def _msd_cases(root: Path, json_path: Path, data: dict,
             _collect(problems, _entry_case_id(entry, i, "training"), error, json_path)
             continue
         training.append(Case(case_id_from_filename(image.name), (image,), label))
-    test_entries = data.get("test") or []
-    if not isinstance(test_entries, list):
-        raise MedsegError(f"{json_path}: 'test' must be a list of image paths")
     test = []
-    for i, entry in enumerate(test_entries):
-        if isinstance(entry, dict):  # some conversions write test entries like training ones
-            entry = entry.get("image")
-        try:
-            image = _dataset_file(root, json_path, f"test[{i}]", entry, allow_dir=True)
-        except MedsegError as error:
-            _collect(problems, _entry_case_id(entry, i, "test"), error, json_path)
-            continue
+    for image in _listed_images(root, json_path, data, "test", problems):
         label = root / "labelsTs" / image.name
         test.append(Case(case_id_from_filename(image.name), (image,), label if label.is_file() else None))
     return tuple(training), tuple(test)
 
 
-def _msd_unlabelled(root: Path, json_path: Path, data: dict, problems: list[Problem] | None = None) -> tuple[Case, ...]:
-    key = "unlabelled" if "unlabelled" in data else "unlabeled"
+def _listed_images(root: Path, json_path: Path, data: dict, key: str,
+                   problems: list[Problem] | None = None) -> list[Path]:
+    """The image files of dataset.json's list `key` ("test", "unlabelled"): paths, or entries like training ones
+    (some conversions write them so)."""
     entries = data.get(key) or []
     if not isinstance(entries, list):
         raise MedsegError(f"{json_path}: '{key}' must be a list of image paths")
-    cases = []
+    images = []
     for i, entry in enumerate(entries):
         if isinstance(entry, dict):
             entry = entry.get("image")
         try:
-            image = _dataset_file(root, json_path, f"{key}[{i}]", entry, allow_dir=True)
+            images.append(_dataset_file(root, json_path, f"{key}[{i}]", entry, allow_dir=True))
         except MedsegError as error:
             _collect(problems, _entry_case_id(entry, i, key), error, json_path)
-            continue
-        cases.append(Case(case_id_from_filename(image.name), (image,), None))
-    return tuple(cases)
+    return images
+
+
+def _msd_unlabelled(root: Path, json_path: Path, data: dict, problems: list[Problem] | None = None) -> tuple[Case, ...]:
+    key = "unlabelled" if "unlabelled" in data else "unlabeled"
+    return tuple(Case(case_id_from_filename(image.name), (image,), None)
+                 for image in _listed_images(root, json_path, data, key, problems))
 
 
 def _nnunet_cases(folder: Path, label_folder: Path, file_ending: str, n_channels: int,

@@ -125,7 +125,7 @@ _ENCODER_PREFIXES = {"plain_unet": ("encoder",), "resenc_unet": ("stem", "encode
 def is_encoder_param(model_name: str, top_level_name: str) -> bool:
     """Whether the params under `top_level_name` belong to the encoder of model `model_name`."""
     prefixes = _ENCODER_PREFIXES[_ALIASES.get(model_name, model_name)]
-    return any(top_level_name == p or top_level_name.startswith(p) for p in prefixes)
+    return top_level_name.startswith(prefixes)
 
 
 def pretraining_network(config: ml_collections.ConfigDict, in_channels: int) -> nn.Module:

@@ -86,6 +86,13 @@ class Experiment:
         return make_forward(self.model, self.layout, window_shape, self.state_template.params)
 
 
+def run_keys(seed: int) -> tuple[jax.Array, jax.Array]:
+    """(init_key, step_key) of a run with `seed`: params from init_key, step s's augmentation from step_key folded
+    with s. Training, federated sites and the federated server all derive them here, so that they agree."""
+    init_key, step_key = jax.random.split(jax.random.key(seed))
+    return init_key, step_key
+
+
 def is_pretraining(config: ml_collections.ConfigDict) -> bool:
     """Whether `config` is a masked-image-modelling run (`medseg pretrain`) rather than segmentation training."""
     return config.get("task", "segment") == "pretrain"
@@ -111,9 +118,7 @@ def transferred_params(config: ml_collections.ConfigDict) -> Callable[[str], boo
     """Which top-level params `train.init_from` copies (those of matching name and shape among them): the encoder's
     only (`train.init_parts="encoder"`, or "auto" with a source made by `medseg pretrain`: its decoder learned to
     reconstruct images, not to segment), or all (None: "all", or "auto" with a trained or imported source)."""
-    parts = config.train.get("init_parts", "auto")
-    if parts not in ("auto", "all", "encoder"):
-        raise MedsegError(f"config key 'train.init_parts': '{parts}' is not one of auto, all, encoder")
+    parts = config.train.get("init_parts", "auto")  # (a value schema.check refuses never gets here)
     if parts == "all" or not config.train.get("init_from"):
         return None
     if parts == "auto":

@@ -30,7 +30,7 @@ from medseg_jax.experiments import schema
 from medseg_jax.metrics.overlap import nanmean
 from medseg_jax.parallel import mesh as mesh_lib
 from medseg_jax.train.divergence import DivergenceGuard
-from medseg_jax.train.experiment import build_experiment, is_pretraining, transferred_params
+from medseg_jax.train.experiment import build_experiment, is_pretraining, run_keys, transferred_params
 from medseg_jax.train.metrics_log import MetricsLog
 from medseg_jax.train.validation import evaluate_cases, export_validation, load_val_cases
 
@@ -124,8 +124,7 @@ def _train(config: ml_collections.ConfigDict, run: runs.RunDir, resume: bool, st
     val_cases = load_val_cases(store, val_ids)
     num_classes = len(plan["labels"])
     experiment = build_experiment(config, num_classes, len(plan["normalization"]), layout)
-    root_key = jax.random.key(config.seed)
-    init_key, step_key = jax.random.split(root_key)
+    init_key, step_key = run_keys(config.seed)
     state = experiment.init_state(init_key)
 
     total_steps = config.train.steps
