@@ -22,9 +22,10 @@ def cmd_demo_data(args) -> None:
     from medseg_jax.data.phantoms import write_demo_dataset
 
     out = write_demo_dataset(args.out, modality=args.modality, num_train=args.cases, num_test=args.test_cases,
-                             seed=args.seed, num_unlabelled=args.unlabelled_cases)
+                             seed=args.seed, num_unlabelled=args.unlabelled_cases, scanner=args.scanner)
     more = f" and {args.unlabelled_cases} unlabelled" if args.unlabelled_cases else ""
-    print(f"wrote {args.cases} training, {args.test_cases} test{more} {args.modality.upper()} cases to {out}")
+    scanner = f" (scanner profile {args.scanner})" if args.scanner != "reference" else ""
+    print(f"wrote {args.cases} training, {args.test_cases} test{more} {args.modality.upper()} cases{scanner} to {out}")
 
 
 def _mesh_overrides(text: str | None) -> list[str]:
@@ -391,6 +392,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unlabelled-cases", type=int, default=0,
                    help="images without labels (imagesUnlabelled, dataset.json's 'unlabelled' list) for pretraining")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scanner", default="reference",
+                   help="how the images look: a scanner profile of the modality (ct: reference, soft-kernel, low-dose; "
+                        "mri: reference, low-field, thick-slice; us: reference, low-gain, coarse), e.g. one per "
+                        "simulated site")
 
     def training_arguments(p):
         p.add_argument("--config", help="experiment file with get_config() (not needed with --resume)")

@@ -184,3 +184,85 @@ def test_two_sites_two_rounds_through_flowers_simulation(stores, tmp_path, capsy
     assert cli.main(["predict", "--run", str(workdir), "--input", str(dataset / "imagesTs"), "--output",
                      str(tmp_path / "pred")]) == 0
     assert len(list((tmp_path / "pred").glob("*.nii.gz"))) == 1
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_the_flower_app_runs_on_a_superlink_with_a_supernode_per_site(stores, tmp_path):
+    """Flower's Deployment Engine on localhost, as the README shows it: a SuperLink, one SuperNode per site (its store
+    and folder in its node config), `flwr run scripts/flower_app`; the global run directory is an ordinary run."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import time
+
+    bin_dir = os.path.dirname(sys.executable)
+    home = tmp_path / "flwr_home"
+    home.mkdir()
+    link_port = _free_port()
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "here"\n\n[superlink.here]\n'
+                                      f'address = "127.0.0.1:{link_port}"\ninsecure = true\n')
+    env = {**os.environ, "FLWR_HOME": str(home), "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    logs, processes = tmp_path / "logs", []
+    logs.mkdir()
+
+    def start(name, *command):
+        log = open(logs / f"{name}.log", "w")
+        processes.append(subprocess.Popen([os.path.join(bin_dir, command[0]), *command[1:]], env=env, stdout=log,
+                                          stderr=subprocess.STDOUT, start_new_session=True))
+
+    workdir = tmp_path / "global"
+    overrides = " ".join(o for o in TINY_OVERRIDES)
+    run_config = (f"experiment='{REPO / 'experiments' / 'demo_ct.py'}' config-overrides='{overrides}' "
+                  f"plans='{stores[0][1]}/plans.json' workdir='{workdir}' sites='A,B' rounds={ROUNDS} "
+                  f"local-steps={LOCAL_STEPS}")
+    try:
+        start("superlink", "flower-superlink", "--insecure", "--port", str(link_port))
+        time.sleep(5)
+        for name, store in stores:
+            start(f"site_{name}", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link_port}",
+                  "--port", str(_free_port()),
+                  "--node-config", f"site='{name}' store='{store}' workdir='{tmp_path / ('site_' + name)}'")
+        time.sleep(5)
+        result = subprocess.run([os.path.join(bin_dir, "flwr"), "run", str(REPO / "scripts" / "flower_app"), "here",
+                                 "--stream", "--run-config", run_config], env=env, capture_output=True, text=True,
+                                timeout=900)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    finally:
+        for process in processes:
+            os.killpg(process.pid, 15)
+        for process in processes:
+            process.wait(timeout=30)
+    site_logs = "".join((logs / f).read_text()[-2000:] for f in ("site_A.log", "site_B.log"))
+    assert (workdir / "train_summary.json").is_file(), site_logs
+    val = [r for r in runs.RunDir(workdir).read_metrics() if r["kind"] == "val"]
+    assert [r["round"] for r in val] == [1, 2]
+    assert all(0 <= r["val_dice_A"] <= 1 and 0 <= r["val_dice_B"] <= 1 for r in val)
+    # each site kept its local state in a folder of its own for this global run, and a compilation cache
+    for name in ("A", "B"):
+        (run_folder,) = (tmp_path / f"site_{name}").glob("run-*")
+        assert (run_folder / "checkpoints" / "rounds" / str(ROUNDS)).is_dir()
+        assert any((tmp_path / f"site_{name}" / "jax_cache").iterdir())
+    assert runs.load_params(workdir, checkpoint="latest")
+    shutil.rmtree(home, ignore_errors=True)
+
+
+def test_a_second_federated_command_on_the_same_workdir_is_refused_before_flower_starts(stores, tmp_path, capsys):
+    from medseg_jax import fileio
+
+    workdir = tmp_path / "fed"
+    sites = ",".join(f"{name}={store}" for name, store in stores)
+    with fileio.exclusive(workdir, "trained by medseg federated"):  # (as a running command holds it)
+        code = cli.main(["federated", "--config", str(REPO / "experiments" / "demo_ct.py"), "--sites", sites,
+                         "--workdir", str(workdir), "--rounds", "1", "--local-steps", "1", *TINY_OVERRIDES])
+    err = capsys.readouterr().err
+    assert code != 0 and "trained by medseg federated by another process" in err and "Traceback" not in err
+    assert not workdir.exists()

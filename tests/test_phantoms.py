@@ -200,11 +200,11 @@ def test_an_interrupted_run_leaves_nothing(tmp_path, monkeypatch):
     generate = phantoms.generate_case
     calls = []
 
-    def fail_on_second_case(modality, seed):
+    def fail_on_second_case(modality, seed, scanner="reference"):
         calls.append(seed)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return generate(modality, seed)
+        return generate(modality, seed, scanner)
 
     monkeypatch.setattr(phantoms, "generate_case", fail_on_second_case)
     with pytest.raises(KeyboardInterrupt):
@@ -225,3 +225,59 @@ def test_generate_case_rejects_unknown_modality_and_bad_seed():
         phantoms.generate_case("pet", 0)
     with pytest.raises(MedsegError):
         phantoms.generate_case("ct", -5)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Scanner profiles (simulated sites)
+
+
+def high_pass_std(image: np.ndarray, mask: np.ndarray) -> float:
+    """Noise level inside `mask`: the spread of the image minus its local mean."""
+    from scipy import ndimage
+
+    return float((image - ndimage.uniform_filter(image, 3))[mask].std())
+
+
+@pytest.mark.parametrize("modality", phantoms.MODALITIES)
+def test_scanner_profiles_keep_anatomy_and_geometry_and_change_only_the_image(modality):
+    reference = case(modality, 0)
+    assert all(np.array_equal(a, b) for a, b in zip(
+        phantoms.generate_case(modality, phantoms.case_seed(0, 0), "reference"), reference))
+    for scanner in list(phantoms.SCANNERS[modality])[1:]:
+        image, label, affine = phantoms.generate_case(modality, phantoms.case_seed(0, 0), scanner)
+        assert np.array_equal(label, reference[1]) and np.array_equal(affine, reference[2])
+        assert image.dtype == np.float32 and np.isfinite(image).all()
+        assert not np.allclose(image, reference[0]), scanner
+        again = phantoms.generate_case(modality, phantoms.case_seed(0, 0), scanner)[0]
+        assert np.array_equal(image, again), f"{scanner} is not deterministic"
+
+
+def test_ct_scanner_profiles_do_what_they_say():
+    image, label, _ = case("ct", 1)
+    liver = label == 1
+    soft = phantoms.generate_case("ct", phantoms.case_seed(0, 1), "soft-kernel")[0]
+    low_dose = phantoms.generate_case("ct", phantoms.case_seed(0, 1), "low-dose")[0]
+    # calibration: 0.96 * HU + 40 (liver ~60 HU -> ~98 HU); the soft kernel smooths the noise away
+    assert 30.0 < soft[liver].mean() - image[liver].mean() < 45.0
+    assert high_pass_std(soft, liver) < 0.6 * high_pass_std(image, liver)
+    # low dose: the mean stays, the noise more than doubles
+    assert abs(low_dose[liver].mean() - image[liver].mean()) < 10.0
+    assert high_pass_std(low_dose, liver) > 2.0 * high_pass_std(image, liver)
+    assert low_dose.min() >= -1024 and np.array_equal(low_dose, np.round(low_dose))
+
+
+def test_unknown_scanner_profile_is_a_user_error_naming_the_choices(tmp_path):
+    with pytest.raises(MedsegError, match="soft-kernel"):
+        phantoms.generate_case("ct", 0, "low-field")
+    with pytest.raises(MedsegError, match="low-field"):
+        phantoms.write_demo_dataset(tmp_path / "demo", modality="mri", num_train=1, scanner="nope")
+    assert not (tmp_path / "demo").exists()
+
+
+def test_a_dataset_written_with_a_profile_says_so_and_matches_generate_case(tmp_path):
+    out = phantoms.write_demo_dataset(tmp_path / "site", modality="ct", num_train=1, num_test=0, seed=3,
+                                      scanner="low-dose")
+    assert "low-dose" in json.loads((out / "dataset.json").read_text())["description"]
+    written = nib.load(out / "imagesTr" / "ct_000.nii.gz")
+    expected = phantoms.generate_case("ct", phantoms.case_seed(3, 0), "low-dose")[0]
+    assert np.array_equal(np.asarray(written.dataobj), expected)

@@ -179,3 +179,24 @@ def test_fine_tuning_with_an_encoder_warmup_keeps_the_encoder_during_it(pretrain
     for key, same in unchanged.items():
         if is_encoder_param("plain_unet", key):
             assert all(same), key
+
+
+def test_a_killed_pretraining_run_resumes_bit_for_bit(pretrained, tmp_path, capsys):
+    """The masks are drawn from the step's key, so 3 steps, a stop and 3 more == 6 straight; and `medseg train
+    --resume` names the command that resumes a pretraining run."""
+    from medseg_jax import config as config_lib
+    from medseg_jax.train.loop import train
+
+    config = config_lib.apply_overrides(tiny_config(steps=6), [*PRETRAIN, "--config.task=pretrain",
+                                                             f"--config.data.store={pretrained / 'unlabelled'}",
+                                                             "--config.data.dataset="])
+    train(config, tmp_path / "straight")
+    train(config, tmp_path / "killed", stop_at_step=3)
+    assert train(runs.RunDir(tmp_path / "killed").load_config(), tmp_path / "killed", resume=True)["steps"] == 6
+    straight = jax.tree.leaves(runs.load_params(tmp_path / "straight", checkpoint="latest"))
+    resumed = jax.tree.leaves(runs.load_params(tmp_path / "killed", checkpoint="latest"))
+    assert len(straight) == len(resumed) > 0
+    for a, b in zip(straight, resumed):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert cli.main(["train", "--workdir", str(tmp_path / "killed"), "--resume"]) == 2
+    assert "medseg pretrain --resume" in capsys.readouterr().err

@@ -11,6 +11,11 @@ World coordinates follow nibabel's RAS+ convention: +x points to the patient's R
 So the liver (patient's right) lies at positive x, the spleen and the aorta at negative x. Every case is first built
 on a RAS-ordered voxel grid and then stored in a voxel order of its own (RAS, LPS, or any permutation with flips),
 about a third of them on an oblique grid, so that readers have to honour the affine.
+
+A scanner profile (`SCANNERS`) renders a case the way another scanner or protocol would (intensity calibration, a
+softer reconstruction kernel or thicker slices, more noise, CT streaks, a stronger MRI bias field) on top of the
+case's own variation: datasets drawn with different profiles simulate sites whose images differ (federated training,
+domain shift). The anatomy and labels of a seed do not depend on the profile.
 """
 
 from __future__ import annotations
@@ -49,6 +54,48 @@ _LPS_PROBABILITY = 0.25
 _OBLIQUE_PROBABILITY = 1 / 3
 
 
+
+@dataclass(frozen=True)
+class Scanner:
+    """How one scanner or protocol renders a phantom, applied to the drawn image (labels are unchanged).
+
+    Intensities map to `gain * value + offset`; `blur_voxels` are Gaussian sigmas (a softer kernel in-plane, thicker
+    slices along z); `noise` adds spatially correlated noise of that standard deviation; `streaks` (CT) adds streak
+    artifacts of that amplitude radiating from the bone in each axial slice; `bias` (MRI) multiplies by one more
+    smooth field of that maximum deviation. Offsets and noise are in Hounsfield units for CT and in units of the
+    image's 99th percentile for MRI and ultrasound (whose scales are arbitrary).
+    """
+    description: str
+    gain: float = 1.0
+    offset: float = 0.0
+    blur_voxels: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    noise: float = 0.0
+    streaks: float = 0.0
+    bias: float = 0.0
+
+
+SCANNERS: dict[str, dict[str, Scanner]] = {
+    "ct": {
+        "reference": Scanner("the phantoms as drawn"),
+        "soft-kernel": Scanner("a soft reconstruction kernel and thicker slices, calibrated 4% low and +40 HU",
+                               gain=0.96, offset=40.0, blur_voxels=(0.9, 0.9, 1.3)),
+        "low-dose": Scanner("a low-dose protocol: strong noise and streak artifacts", noise=35.0, streaks=80.0),
+    },
+    "mri": {
+        "reference": Scanner("the phantoms as drawn"),
+        "low-field": Scanner("a low-field scanner: more noise, a stronger bias field", noise=0.05, bias=0.3),
+        "thick-slice": Scanner("a fast protocol with thick slices and another receive gain", gain=2.5,
+                               blur_voxels=(0.3, 0.3, 1.5)),
+    },
+    "us": {
+        "reference": Scanner("the phantoms as drawn"),
+        "low-gain": Scanner("a lower overall gain and a brighter noise floor", gain=0.7, offset=0.06),
+        "coarse": Scanner("a lower-frequency probe: coarser speckle and more noise", blur_voxels=(1.0, 0.6, 1.0),
+                          noise=0.04),
+    },
+}
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Public API
 
@@ -61,18 +108,23 @@ def case_seed(dataset_seed: int, case_index: int) -> int:
     return int(np.random.SeedSequence([dataset_seed, case_index]).generate_state(1)[0])
 
 
-def generate_case(modality: str, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def generate_case(modality: str, seed: int, scanner: str = "reference") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One phantom as it is stored on disk: (image float32 (X,Y,Z), label uint8 (X,Y,Z), affine 4x4 float64).
 
     The arrays are in the case's own voxel order (possibly not RAS, possibly oblique); the affine maps voxel indices
-    to RAS+ world millimetres.
+    to RAS+ world millimetres. `scanner` names a profile of `SCANNERS[modality]`; anatomy, label and geometry depend
+    on the seed alone.
     """
     _check_modality(modality)
     _check_integer("phantom seed", seed, minimum=0)
-    anatomy_seed, storage_seed = np.random.SeedSequence(int(seed)).spawn(2)
+    profile = scanner_profile(modality, scanner)
+    # A third child seeds the scanner's noise; the first two are those of the cases drawn before profiles existed.
+    anatomy_seed, storage_seed, scanner_seed = np.random.SeedSequence(int(seed)).spawn(3)
     anatomy_rng = np.random.default_rng(anatomy_seed)
     builders = {"ct": _build_ct, "mri": _build_mri, "us": _build_us}
     ras_image, ras_label, grid = builders[modality](anatomy_rng)
+    if profile != SCANNERS[modality]["reference"]:
+        ras_image = _render_with(profile, modality, ras_image, grid, np.random.default_rng(scanner_seed))
     storage_rng = np.random.default_rng(storage_seed)
     # Where the anatomy centre sits in scanner coordinates differs between scans, so origins differ too.
     anatomy_centre_world = storage_rng.uniform([-40.0, -60.0, -400.0], [40.0, 60.0, 200.0])
@@ -87,16 +139,26 @@ def generate_case(modality: str, seed: int) -> tuple[np.ndarray, np.ndarray, np.
             affine.astype(np.float64))
 
 
+def scanner_profile(modality: str, scanner: str) -> Scanner:
+    """The profile `scanner` of `modality`'s phantoms; an unknown name is a one-line error listing the known ones."""
+    _check_modality(modality)
+    profiles = SCANNERS[modality]
+    if scanner not in profiles:
+        raise MedsegError(f"unknown {modality} scanner profile {scanner!r}; choose one of {', '.join(profiles)}")
+    return profiles[scanner]
+
+
 def write_demo_dataset(out_dir, modality: str = "ct", num_train: int = 20, num_test: int = 5, seed: int = 0,
-                       num_unlabelled: int = 0) -> Path:
+                       num_unlabelled: int = 0, scanner: str = "reference") -> Path:
     """Writes a Decathlon-layout dataset of phantoms into `out_dir` and returns `out_dir`.
 
     `out_dir` must not exist or be an empty folder. Everything is written into a temporary sibling folder that is
     renamed into place at the end, so an interrupted run leaves nothing half-written. Test cases continue the
     numbering after the training cases and come with labels (labelsTs) for evaluation; `num_unlabelled` more cases
-    follow as images only (imagesUnlabelled/, dataset.json's "unlabelled" list), for pretraining.
+    follow as images only (imagesUnlabelled/, dataset.json's "unlabelled" list), for pretraining. Every case is
+    rendered with the `scanner` profile (`SCANNERS`).
     """
-    _check_modality(modality)
+    profile = scanner_profile(modality, scanner)
     _check_integer("num_train", num_train, minimum=1)
     _check_integer("num_test", num_test, minimum=0)
     _check_integer("num_unlabelled", num_unlabelled, minimum=0)
@@ -115,7 +177,7 @@ def write_demo_dataset(out_dir, modality: str = "ct", num_train: int = 20, num_t
         for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs") + (("imagesUnlabelled",) if num_unlabelled else ()):
             (tmp / sub).mkdir()
         for case_index in range(num_train + num_test + num_unlabelled):
-            image, label, affine = generate_case(modality, case_seed(seed, case_index))
+            image, label, affine = generate_case(modality, case_seed(seed, case_index), scanner)
             file_name = f"{prefix}_{case_index:03d}.nii.gz"
             if case_index >= num_train + num_test:
                 _save_nifti(image, affine, tmp / "imagesUnlabelled" / file_name)
@@ -133,7 +195,9 @@ def write_demo_dataset(out_dir, modality: str = "ct", num_train: int = 20, num_t
         write_json(tmp / "dataset.json", {
             "name": f"Demo{channel}",
             "description": f"Synthetic {_DESCRIPTIONS[modality]} phantoms made by medseg-jax "
-                           f"(medseg_jax.data.phantoms, seed {int(seed)}); not patient data.",
+                           f"(medseg_jax.data.phantoms, seed {int(seed)}"
+                           + (f", scanner profile {scanner}: {profile.description}" if scanner != "reference" else "")
+                           + "); not patient data.",
             "reference": "medseg_jax.data.phantoms",
             "tensorImageSize": "3D",
             "modality": {"0": channel},
@@ -794,6 +858,48 @@ def _build_us(rng):
     image = np.where(sector, image, 0.0).astype(np.float32)
     label = np.where(sector, echo.label, 0).astype(np.uint8)
     return image, label, grid
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Scanner profiles
+
+
+def _render_with(profile: Scanner, modality: str, image: np.ndarray, grid: _Grid, rng) -> np.ndarray:
+    """`image` (RAS grid) as `profile`'s scanner would show it."""
+    outside_sector = image == 0 if modality == "us" else None  # ultrasound is black outside its sector
+    scale = 1.0 if modality == "ct" else float(np.percentile(image, 99)) or 1.0
+    if any(profile.blur_voxels):
+        image = ndimage.gaussian_filter(image, profile.blur_voxels)
+    if profile.bias:
+        image = image * _polynomial_bias_field(rng, grid, profile.bias)
+    image = profile.gain * image + np.float32(profile.offset * scale)
+    if profile.noise:
+        image = image + np.float32(profile.noise * scale) * _correlated_noise(rng, grid.shape, 0.6)
+    if profile.streaks:
+        image = image + _streaks(rng, image, profile.streaks)
+    if modality == "ct":
+        image = np.clip(np.round(image), -1024.0, 3071.0)
+    elif modality == "mri":
+        image = np.abs(image)  # a magnitude image
+    else:
+        image = np.where(outside_sector, 0.0, np.clip(image, 0.0, 1.0))
+    return image.astype(np.float32)
+
+
+def _streaks(rng, image: np.ndarray, amplitude: float, count: int = 8) -> np.ndarray:
+    """CT streaks: thin bright and dark lines through the centre of the bone (above 300 HU) in every axial slice,
+    fading with distance from it and varying a little from slice to slice."""
+    bone = np.argwhere(image > 300.0)
+    centre = bone[:, :2].mean(axis=0) if len(bone) else (np.asarray(image.shape[:2]) - 1) / 2.0
+    x, y = np.meshgrid(*(np.arange(n, dtype=np.float32) - c for n, c in zip(image.shape[:2], centre)),
+                       indexing="ij")
+    fade = np.exp(-np.sqrt(x ** 2 + y ** 2) / np.float32(0.5 * max(image.shape[:2])))
+    pattern = np.zeros(image.shape[:2], np.float32)
+    for angle, sign in zip(rng.uniform(0.0, np.pi, count), rng.choice([-1.0, 1.0], count)):
+        distance = np.abs(-x * np.sin(angle) + y * np.cos(angle))
+        pattern += np.float32(sign) * np.exp(-0.5 * (distance / 0.8) ** 2)
+    per_slice = 1.0 + 0.3 * rng.standard_normal(image.shape[2]).astype(np.float32)
+    return np.float32(amplitude) * (pattern * fade)[:, :, None] * per_slice[None, None, :]
 
 
 def _gaussian_kernel_norm(sigmas) -> float:

@@ -10,12 +10,14 @@ configured by the run config (`experiment`, `plans`, `workdir`, `rounds`, `local
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
 import ml_collections
 
 from medseg_jax import config as config_lib
+from medseg_jax import fileio
 from medseg_jax.errors import MedsegError
 from medseg_jax.federated.server import STRATEGIES, GlobalRun, make_strategy, run_rounds
 from medseg_jax.federated.site import Site, site_config
@@ -36,7 +38,16 @@ def _site(context, settings: dict | None) -> Site:
         if missing:
             raise MedsegError(f"SuperNode node config lacks {missing[0]!r} (give --node-config \"site='A' "
                               "store='/data/store' workdir='/data/medseg_site'\")")
-        name, store, workdir = str(node.get("site", context.node_id)), node["store"], node["workdir"]
+        # The site's local state lives in a folder of its own per global run (named after the server's run
+        # directory, so a resumed run finds it and two runs never share it).
+        global_run = str(dict(context.run_config).get("workdir", ""))
+        workdir = Path(node["workdir"]) / f"run-{hashlib.sha1(global_run.encode()).hexdigest()[:12]}"
+        name, store = str(node.get("site", context.node_id)), node["store"]
+        import jax
+
+        # A SuperNode starts a new ClientApp process for every message: without a persistent compilation cache
+        # every round would compile the site's step again (shared by the site's runs).
+        jax.config.update("jax_compilation_cache_dir", str(Path(node["workdir"]).absolute() / "jax_cache"))
     key = (name, str(store), str(workdir))
     if key not in _SITES:  # (the experiment is read and the step built once per site and process)
         if simulated:
@@ -44,7 +55,7 @@ def _site(context, settings: dict | None) -> Site:
             rounds, local_steps = settings["rounds"], settings["local_steps"]
         else:
             run = dict(context.run_config)
-            config = config_lib.load_config(run["experiment"], [])
+            config = deployment_experiment(run)
             rounds, local_steps = int(run["rounds"]), int(run["local-steps"])
         _SITES[key] = Site(name, site_config(config, store, rounds, local_steps), workdir)
     return _SITES[key]
@@ -190,9 +201,10 @@ def federate(config: ml_collections.ConfigDict, sites: list[tuple[str, str]], wo
     cores = os.cpu_count() or 1
     backend_config = {"client_resources": {"num_cpus": cores, "num_gpus": num_gpus_per_site},
                       "init_args": {"num_cpus": cores, "include_dashboard": False, "log_to_driver": True}}
-    run_simulation(server_app=make_server_app(settings, workdir, outcome),
-                   client_app=make_client_app(settings, dp=bool(dp_clip)), num_supernodes=len(sites),
-                   backend_config=backend_config)
+    with fileio.exclusive(workdir, "trained by medseg federated"):  # (before Flower starts anything)
+        run_simulation(server_app=make_server_app(settings, workdir, outcome),
+                       client_app=make_client_app(settings, dp=bool(dp_clip)), num_supernodes=len(sites),
+                       backend_config=backend_config)
     if "error" in outcome:
         raise outcome["error"]
     if "summary" not in outcome:
@@ -200,13 +212,25 @@ def federate(config: ml_collections.ConfigDict, sites: list[tuple[str, str]], wo
     return outcome["summary"]
 
 
+def deployment_experiment(run: dict) -> ml_collections.ConfigDict:
+    """The experiment a Deployment Engine run config names (`experiment`, with its `config-overrides`), read the same
+    way by the server and by every site."""
+    for key in ("experiment", "rounds", "local-steps"):
+        if not str(run.get(key, "")).strip():
+            raise MedsegError(f"Flower run config lacks {key!r} (flwr run ... --run-config \"{key}=...\")")
+    return config_lib.load_config(run["experiment"], str(run.get("config-overrides", "")).split())
+
+
 def deployment_settings(context) -> dict:
     """The ServerApp's settings from a Deployment Engine run config (`flwr run ... --run-config`)."""
     import json
 
     run = dict(context.run_config)
+    for key in ("plans", "workdir"):
+        if not str(run.get(key, "")).strip():
+            raise MedsegError(f"Flower run config lacks {key!r} (flwr run ... --run-config \"{key}=...\")")
     rounds, local_steps = int(run["rounds"]), int(run["local-steps"])
-    config = global_config(config_lib.load_config(run["experiment"], []), rounds, local_steps)
+    config = global_config(deployment_experiment(run), rounds, local_steps)
     sites = [(name, "", "") for name in str(run.get("sites", "")).split(",") if name] or [("site", "", "")]
     return {"sites": sites, "config": config_lib.to_plain(config),
             "plan": json.loads(Path(run["plans"]).read_text()), "rounds": rounds, "local_steps": local_steps,
@@ -226,9 +250,14 @@ def _deployment_apps():
     @server.main()
     def main(grid, context):
         settings = deployment_settings(context)
-        serve(grid, settings, settings["workdir"])
+        with fileio.exclusive(settings["workdir"], "trained by a federated ServerApp"):
+            serve(grid, settings, settings["workdir"])
 
     return server, make_client_app(), make_client_app(dp=True)
 
 
-server_app, client_app, client_app_dp = _deployment_apps()
+# One name per assignment: Flower checks a Flower App's components by reading this module's source, not importing it.
+_DEPLOYMENT_APPS = _deployment_apps()
+server_app = _DEPLOYMENT_APPS[0]
+client_app = _DEPLOYMENT_APPS[1]
+client_app_dp = _DEPLOYMENT_APPS[2]
