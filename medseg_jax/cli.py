@@ -192,6 +192,22 @@ def cmd_predict(args) -> None:
         print(f"skipped {failure['case']}: {failure['problem']}", file=sys.stderr)
 
 
+def cmd_rank(args) -> None:
+    from medseg_jax.parallel.mesh_flag import parse_mesh_arg
+    from medseg_jax.rank import rank
+
+    report = rank(args.run or (), args.input, args.out, plan=args.plan, checkpoint=args.checkpoint,
+                  mirror_axes=_mirror_axes(args), mesh=parse_mesh_arg(args.mesh) if args.mesh else None,
+                  top=args.top, overwrite=args.overwrite, skip_bad=args.skip_bad, ood_threshold=args.ood_threshold)
+    cases = report["cases"]
+    flagged = sum(1 for c in cases if c["flag"])
+    print(f"ranked {len(cases)} cases by {', '.join(report['ranked_by'])} ({flagged} flagged); first: "
+          + ", ".join(f"{c['case']} ({c['priority']:.2f})" for c in cases[:3])
+          + f"; {args.out}/ranking.csv, report.json, montage.png")
+    for failure in report["failed"]:
+        print(f"skipped {failure['case']}: {failure['problem']}", file=sys.stderr)
+
+
 def cmd_ensemble(args) -> None:
     from medseg_jax.predict import ensemble, read_postprocessing
 
@@ -484,6 +500,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mesh", help="devices per mesh axis for the windows, e.g. data=2 or space=4 (default: the "
                                   "local devices on data)")
 
+    p = sub.add_parser("rank", help="rank scans by how unsure the models are of them (entropy, disagreement of "
+                                    "test-time views, structure volumes, out-of-distribution intensities): what to "
+                                    "check or annotate first")
+    models = p.add_mutually_exclusive_group(required=True)
+    models.add_argument("--run", action="append", help="run directory; repeat for an ensemble (each model is a view)")
+    models.add_argument("--plan", help="inference plan from `medseg results --find-best`: its runs")
+    p.add_argument("--input", required=True, help="a NIfTI file, a folder of them, or DICOM series folder(s)")
+    p.add_argument("--out", required=True, help="folder for ranking.csv, report.json and montage.png")
+    p.add_argument("--checkpoint", choices=["best", "latest"], default="best")
+    tta = p.add_mutually_exclusive_group()
+    tta.add_argument("--disable-tta", action="store_true", help="no mirrored views (only the ensemble's models)")
+    tta.add_argument("--mirror-axes", help="patch axes whose mirrorings are views, e.g. 0,1,2 (default: those each "
+                                           "model's training mirrored)")
+    p.add_argument("--top", type=int, default=6, help="cases shown in montage.png (default 6)")
+    p.add_argument("--ood-threshold", type=float, default=3.0,
+                   help="flag (and rank first) scans whose intensities lie this many training spreads away")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier ranking in --out")
+    p.add_argument("--skip-bad", action="store_true", help="rank the good inputs and report the bad ones")
+    p.add_argument("--mesh", help="devices per mesh axis for the windows, e.g. data=2")
+
     p = sub.add_parser("ensemble", help="average the probabilities saved by `medseg predict --save-probabilities` "
                                         "in several folders into label maps")
     p.add_argument("--input", required=True, nargs="+", help="two or more folders of CASE.npz")
@@ -621,7 +657,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             if unknown:
                 parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-            {"demo-data": cmd_demo_data, "predict": cmd_predict, "evaluate": cmd_evaluate,
+            {"demo-data": cmd_demo_data, "predict": cmd_predict, "evaluate": cmd_evaluate, "rank": cmd_rank,
              "results": cmd_results, "ensemble": cmd_ensemble, "export": cmd_export}[args.command](args)
     except MedsegError as exc:
         print(f"medseg {args.command}: error: {exc}", file=sys.stderr)

@@ -90,15 +90,22 @@ class Member:
     def in_channels(self) -> int:
         return len(self.plans["normalization"])
 
-    def logits(self, image: np.ndarray, spacing) -> tuple[np.ndarray, preprocess.Preprocessed]:
-        """Image (X, Y, Z, C) -> (logits on the preprocessed grid, the preprocessing record)."""
-        pre = preprocess.preprocess_case(image, spacing, self.plans)
-        logits = sliding_window_inference(self.dispatch, pre.image, self.patch, self.num_outputs,
+    def _windows(self, volume: np.ndarray, flip: Sequence[int] = ()) -> np.ndarray:
+        """Sliding-window logits of a preprocessed volume, seen mirrored along `flip` (and mirrored back)."""
+        if flip:
+            volume = np.flip(volume, tuple(flip))
+        logits = sliding_window_inference(self.dispatch, volume, self.patch, self.num_outputs,
                                           overlap=self.overlap, batch_size=self.batch_size, fetch=self.fetch)
-        return logits, pre
+        return np.ascontiguousarray(np.flip(logits, tuple(flip))) if flip else logits
 
     def on_scan(self, image: np.ndarray, geometry: Geometry, with_probabilities: bool):
-        """Canonical image -> its canonical label map, or its (X, Y, Z, K) probabilities.
+        """Canonical image -> its canonical label map, or its (X, Y, Z, K) probabilities."""
+        return next(self.views_on_scan(image, geometry, [()], with_probabilities))
+
+    def views_on_scan(self, image: np.ndarray, geometry: Geometry, flips: Sequence[Sequence[int]],
+                      with_probabilities: bool = True):
+        """Canonical image -> per test-time view (`flips`: the spatial axes each view mirrors, () the plain one) its
+        canonical label map or (X, Y, Z, K) probabilities, one view at a time; the scan is preprocessed once.
 
         A plan with "voxel_order": "file" (an nnU-Net model imported from a reader that keeps each file's voxel order,
         as its default SimpleITKIO does) sees the scan in its file's voxel order and spacing, as it was trained."""
@@ -110,11 +117,13 @@ class Member:
             image, spacing = from_canonical(image, geometry), geometry.file_spacing()
         else:
             spacing = geometry.spacing
-        logits, pre = self.logits(image, spacing)
-        result = logits_to_original(logits, pre.crop_box, pre.canonical_shape, self.regions,
-                                    with_probabilities=with_probabilities, plan=self.plans, spacing=spacing)
-        result = result[1] if with_probabilities else result
-        return to_canonical(result, geometry) if file_order else result
+        pre = preprocess.preprocess_case(image, spacing, self.plans)
+        for flip in flips:
+            result = logits_to_original(self._windows(pre.image, flip), pre.crop_box, pre.canonical_shape,
+                                        self.regions, with_probabilities=with_probabilities, plan=self.plans,
+                                        spacing=spacing)
+            result = result[1] if with_probabilities else result
+            yield to_canonical(result, geometry) if file_order else result
 
 
 def _axes(mirror_axes, dims: int) -> tuple[int, ...]:

@@ -103,3 +103,29 @@ def overlay_png(image: np.ndarray, reference: np.ndarray, prediction: np.ndarray
     with fileio.atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=100)
     plt.close(fig)
+
+
+def uncertainty_montage_png(cases: Sequence[tuple[str, float, dict]], path: str | Path,
+                            label_names: dict[int, str]) -> None:
+    """One row per (case, priority, {"image", "labels", "entropy", "z"}): the axial slice the model is least sure of,
+    the scan, the scan with the predicted structures, and the entropy map (radiological convention)."""
+    num_labels = max(label_names) + 1
+    fig, axes = plt.subplots(len(cases), 3, figsize=(9, 3 * len(cases)), squeeze=False)
+    for row, (case, priority, shown) in enumerate(cases):
+        image = np.asarray(shown["image"], np.float32)[::-1]
+        low, high = np.percentile(image, [1, 99])
+        image = np.clip((image - low) / max(high - low, 1e-6), 0, 1)
+        title = f"#{row + 1} {case} (priority {priority:.2f}), z={shown['z']}"
+        _overlay(axes[row, 0], image, np.zeros(image.shape, np.uint8), num_labels, title)
+        _overlay(axes[row, 1], image, np.asarray(shown["labels"])[::-1], num_labels, "prediction")
+        shown_entropy = axes[row, 2].imshow(np.asarray(shown["entropy"])[::-1].T, cmap="magma", vmin=0, vmax=1,
+                                            origin="lower")
+        axes[row, 2].set_title("entropy", fontsize=9)
+        axes[row, 2].axis("off")
+    fig.colorbar(shown_entropy, ax=axes[:, 2].tolist(), fraction=0.04)
+    handles = [matplotlib.patches.Patch(color=c, label=label_names[v])
+               for v, c in zip(range(1, num_labels), _label_colors(num_labels)[1:]) if v in label_names]
+    fig.legend(handles=handles, loc="lower center", ncol=max(1, len(handles)), fontsize=9)
+    with fileio.atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=80)
+    plt.close(fig)

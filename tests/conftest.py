@@ -150,3 +150,18 @@ def run_worker(script: str, *args: str, devices: int = 8, timeout: int = 900):
 def tiny_dataset(tmp_path_factory) -> Path:
     # one folder for every worker: runs built once for the session (built_once) name the same dataset
     return built_once(tmp_path_factory, "tiny", lambda folder: write_tiny_dataset(folder / "dataset")) / "dataset"
+
+
+@pytest.fixture(scope="session")
+def two_runs(tiny_dataset, tmp_path_factory):
+    """Two tiny runs on the tiny dataset (4 and 3 steps, seeds 0 and 1): an ensemble for inference tests."""
+    from medseg_jax.train.loop import train
+
+    def build(root):
+        train(tiny_config(tiny_dataset, steps=4), root / "a")
+        config = tiny_config(tiny_dataset, steps=3)
+        config.seed = 1
+        train(config, root / "b")
+
+    root = built_once(tmp_path_factory, "two_runs", build)
+    return root / "a", root / "b"

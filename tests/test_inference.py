@@ -18,20 +18,7 @@ from medseg_jax.infer.postprocess import check_rules, postprocess
 from medseg_jax.infer.tta import mirror_combinations, mirrored
 from medseg_jax.models.unet import UNet
 from medseg_jax.predict import predict
-from medseg_jax.train.loop import train
-from tests.conftest import REPO, built_once, tiny_config
-
-
-@pytest.fixture(scope="module")
-def two_runs(tiny_dataset, tmp_path_factory):
-    def build(root):
-        train(tiny_config(tiny_dataset, steps=4), root / "a")
-        config = tiny_config(tiny_dataset, steps=3)
-        config.seed = 1
-        train(config, root / "b")
-
-    root = built_once(tmp_path_factory, "two_runs", build)
-    return root / "a", root / "b"
+from tests.conftest import REPO, tiny_config
 
 
 def _labels(path):
