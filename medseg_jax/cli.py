@@ -185,9 +185,10 @@ def cmd_predict(args) -> None:
                      checkpoint=args.checkpoint, mesh=parse_mesh_arg(args.mesh) if args.mesh else None,
                      plan=args.plan, model=args.model, mirror_axes=_mirror_axes(args),
                      postprocessing=read_postprocessing(args.postprocessing) if args.postprocessing else None,
-                     save_probabilities=args.save_probabilities, output_format=args.output_format)
+                     save_probabilities=args.save_probabilities, output_format=args.output_format, qc=args.qc)
     skipped = f" ({len(result['skipped'])} already there from this run)" if result["skipped"] else ""
-    print(f"wrote {len(result['written'])} predictions to {args.output}{skipped}")
+    qc = f"; quality control in {args.output}/qc (ranking.csv, report.json, montage.png)" if args.qc else ""
+    print(f"wrote {len(result['written'])} predictions to {args.output}{skipped}{qc}")
     for failure in result["failed"]:
         print(f"skipped {failure['case']}: {failure['problem']}", file=sys.stderr)
 
@@ -495,6 +496,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write CASE.npz: per-class probabilities (float16), for `medseg ensemble`")
     p.add_argument("--output-format", choices=["nifti", "dicom-seg"], default="nifti",
                    help="dicom-seg: a DICOM Segmentation referencing each input DICOM series (CASE.dcm)")
+    p.add_argument("--qc", action="store_true",
+                   help="also rank the predictions for checking (OUTPUT/qc: entropy, the ensemble's disagreement, "
+                        "structure volumes, out-of-distribution scans; `medseg rank` for more views)")
     p.add_argument("--overwrite", action="store_true", help="replace existing files in --output")
     p.add_argument("--skip-bad", action="store_true", help="predict the good inputs and report the bad ones")
     p.add_argument("--mesh", help="devices per mesh axis for the windows, e.g. data=2 or space=4 (default: the "

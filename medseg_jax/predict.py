@@ -27,6 +27,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from medseg_jax import fileio, runs
+from medseg_jax import qc as qc_lib
 from medseg_jax.data import preprocess
 from medseg_jax.errors import MedsegError
 from medseg_jax.infer.postprocess import (
@@ -40,6 +41,7 @@ from medseg_jax.infer.sliding_window import sliding_window_inference
 from medseg_jax.infer.tta import mirrored
 from medseg_jax.io import datasets, nifti
 from medseg_jax.io.geometry import Geometry, from_canonical, to_canonical
+from medseg_jax.metrics import uncertainty
 from medseg_jax.parallel import mesh as mesh_lib
 
 log = logging.getLogger(__name__)
@@ -100,12 +102,14 @@ class Member:
 
     def on_scan(self, image: np.ndarray, geometry: Geometry, with_probabilities: bool):
         """Canonical image -> its canonical label map, or its (X, Y, Z, K) probabilities."""
-        return next(self.views_on_scan(image, geometry, [()], with_probabilities))
+        view = next(self.views_on_scan(image, geometry, [()], with_probabilities))
+        return view[1] if with_probabilities else view
 
     def views_on_scan(self, image: np.ndarray, geometry: Geometry, flips: Sequence[Sequence[int]],
                       with_probabilities: bool = True):
         """Canonical image -> per test-time view (`flips`: the spatial axes each view mirrors, () the plain one) its
-        canonical label map or (X, Y, Z, K) probabilities, one view at a time; the scan is preprocessed once.
+        canonical label map, or (label map, (X, Y, Z, K) float16 probabilities), one view at a time; the scan is
+        preprocessed once. The label map is the argmax of the logits, as a prediction's.
 
         A plan with "voxel_order": "file" (an nnU-Net model imported from a reader that keeps each file's voxel order,
         as its default SimpleITKIO does) sees the scan in its file's voxel order and spacing, as it was trained."""
@@ -122,8 +126,10 @@ class Member:
             result = logits_to_original(self._windows(pre.image, flip), pre.crop_box, pre.canonical_shape,
                                         self.regions, with_probabilities=with_probabilities, plan=self.plans,
                                         spacing=spacing)
-            result = result[1] if with_probabilities else result
-            yield to_canonical(result, geometry) if file_order else result
+            if file_order:
+                result = tuple(to_canonical(r, geometry) for r in result) if with_probabilities else \
+                    to_canonical(result, geometry)
+            yield result
 
 
 def _axes(mirror_axes, dims: int) -> tuple[int, ...]:
@@ -272,16 +278,26 @@ class Predictor:
     def label_names(self) -> dict[int, str]:
         return {int(k): str(v) for k, v in self.plans["labels"].items()}
 
-    def predict_case(self, image: np.ndarray, geometry: Geometry, with_probabilities: bool = False):
+    def predict_case(self, image: np.ndarray, geometry: Geometry, with_probabilities: bool = False,
+                     statistics=None):
         """Canonical image (X, Y, Z, C) and its geometry -> (canonical label map, float32 probabilities (X, Y, Z, K)
-        or None)."""
+        or None). `statistics` (metrics.uncertainty.ViewStatistics) also receives each member's probabilities and
+        labels, for quality control; the prediction is the same with or without it."""
         if len(self.members) == 1 and not with_probabilities:
             # argmax of the logits on the scan's grid, as before ensembles existed (bit-identical predictions)
-            labels = self.members[0].on_scan(image, geometry, with_probabilities=False)
+            member = self.members[0]
+            if statistics is None:
+                labels = member.on_scan(image, geometry, with_probabilities=False)
+            else:
+                labels, probabilities = next(member.views_on_scan(image, geometry, [()]))
+                statistics.add(probabilities, labels)
             return postprocess(labels, self.rules, geometry.spacing), None
         total = None
         for member in self.members:
-            probabilities = member.on_scan(image, geometry, with_probabilities=True).astype(np.float32)
+            member_labels, probabilities = next(member.views_on_scan(image, geometry, [()]))
+            if statistics is not None:
+                statistics.add(probabilities, member_labels)
+            probabilities = probabilities.astype(np.float32)
             total = probabilities if total is None else total + probabilities
         mean = total / len(self.members)
         labels = labels_of_probabilities(mean, self.regions)
@@ -437,7 +453,8 @@ def _models_description(run_dirs, checkpoint, plan, model, mirror_axes, postproc
 def predict(run_dir=(), input_path=None, output_dir=None, *, overwrite: bool = False, skip_bad: bool = False,
             checkpoint: str = "best", mesh: dict | None = None, plan=None, model=None,
             mirror_axes: Sequence[int] | None = None, postprocessing: dict | None = None,
-            save_probabilities: bool = False, output_format: str = "nifti") -> dict:
+            save_probabilities: bool = False, output_format: str = "nifti", qc: bool = False,
+            ood_threshold: float | None = None) -> dict:
     """Predicts every scan under `input_path` into `output_dir` with the run(s) `run_dir`, the inference `plan` or the
     exported `model`. Returns {"written": [...], "skipped": [...], "failed": [...]}.
 
@@ -445,7 +462,8 @@ def predict(run_dir=(), input_path=None, output_dir=None, *, overwrite: bool = F
     checked, and existing outputs are refused unless `overwrite` — except those this command already wrote from the
     same models, options and inputs (recorded in the output folder): a re-run after an interruption skips them and
     predicts the rest. With `skip_bad`, bad inputs are reported and the good ones predicted. The next case is read
-    and the last one written while the current one is computed.
+    and the last one written while the current one is computed. `qc` also writes the quality-control report of
+    medseg_jax/qc.py into OUTPUT/qc (from the views prediction computes anyway: the ensemble's members).
     """
     if output_format not in OUTPUT_FORMATS:
         raise MedsegError(f"--output-format {output_format}: not one of {', '.join(OUTPUT_FORMATS)}")
@@ -466,8 +484,10 @@ def predict(run_dir=(), input_path=None, output_dir=None, *, overwrite: bool = F
         record = {}
     models = _models_description(run_dirs, checkpoint, plan, model, mirror_axes, postprocessing, output_format,
                                  save_probabilities)
+    qc_dir = output_dir / "qc"
     done = {case_id for case_id, paths in inputs if not overwrite and _written_by_us(
-        targets[case_id], record.get(targets[case_id].name), _source(models, paths))}
+        targets[case_id], record.get(targets[case_id].name), _source(models, paths))
+        and (not qc or qc_lib.load_case(qc_dir, case_id) is not None)}
     extra = [output_dir / probabilities_name(c) for c in targets] if save_probabilities else []
     existing = [str(p) for c, p in targets.items() if p.exists() and c not in done]
     existing += [str(p) for p in extra if p.exists() and p.stem not in done]
@@ -486,6 +506,11 @@ def predict(run_dir=(), input_path=None, output_dir=None, *, overwrite: bool = F
                  len(done), len(inputs))
     bad = {case_id for case_id, _, _ in problems}
     todo = [(case_id, paths) for case_id, paths in todo if case_id not in bad]
+    reference = None
+    if qc:
+        first = predictor.members[0]
+        if isinstance(first, RunMember):
+            reference = qc_lib.training_reference(qc_lib.training_store(first.config, first.path), str(first.path))
 
     def write(case_id, paths, labels, probabilities, geometry):
         target = targets[case_id]
@@ -514,12 +539,24 @@ def predict(run_dir=(), input_path=None, output_dir=None, *, overwrite: bool = F
             if index + 1 < len(todo):
                 reads.append(reader.submit(nifti.read_images, todo[index + 1][1]))
             reads[index] = None  # (the image is ours now; let the reader's copy go)
-            labels, probabilities = predictor.predict_case(image, geometry, save_probabilities)
+            statistics = uncertainty.ViewStatistics(independent=bool(predictor.regions)) if qc else None
+            labels, probabilities = predictor.predict_case(image, geometry, save_probabilities, statistics)
+            if qc:
+                qc_lib.save_case(qc_dir, case_id, *qc_lib.case_row(statistics, image, geometry, predictor.plans,
+                                                                   predictor.regions, reference))
             if pending_write is not None:
                 written.append(pending_write.result())
             pending_write = writer.submit(write, case_id, paths, labels, probabilities, geometry)
         if pending_write is not None:
             written.append(pending_write.result())
+    if qc:
+        kept = {case_id: qc_lib.load_case(qc_dir, case_id) for case_id, _ in inputs if case_id not in bad}
+        rows = [{"case": case_id, "file": str(paths[0]), **kept[case_id][0]} for case_id, paths in inputs
+                if case_id not in bad]
+        qc_lib.write_report(rows, {c: v[1] for c, v in kept.items()}, qc_dir, predictor.label_names,
+                            ood_threshold=qc_lib.OOD_THRESHOLD if ood_threshold is None else ood_threshold,
+                            models=models, reference=None if reference is None else
+                            {"store": reference["store"], "cases": reference["cases"]})
     return {"written": written, "skipped": sorted(str(targets[c]) for c in done),
             "failed": [{"case": c, "problem": m} for c, _, m in problems]}
 

@@ -124,3 +124,22 @@ def test_rank_refuses_a_bad_input_in_one_line_before_writing(two_runs, scans, tm
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "broken.nii.gz" in err[0] and "Traceback" not in err[0]
     assert not (tmp_path / "qc").exists()
+
+
+def test_predict_qc_reports_every_prediction_and_changes_none(two_runs, scans, tmp_path, capsys):
+    plain, checked = tmp_path / "plain", tmp_path / "checked"
+    assert main(["predict", "--run", str(two_runs[0]), "--input", str(scans), "--output", str(plain)]) == 0
+    assert main(["predict", "--run", str(two_runs[0]), "--input", str(scans), "--output", str(checked), "--qc"]) == 0
+    for path in sorted(plain.glob("*.nii.gz")):
+        assert np.array_equal(np.asarray(nib.load(path).dataobj), np.asarray(nib.load(checked / path.name).dataobj))
+    with open(checked / "qc" / "ranking.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["case"] for r in rows[:2]} == {"scan_noisy", "scan_other_modality"} and len(rows) == 5
+    assert all(r["views"] == "1" and r["disagreement"] == "" for r in rows)  # one model, mirroring fused
+    # a re-run skips the predictions and the quality control it has, and reports every case again
+    (checked / "qc" / "ranking.csv").unlink()
+    capsys.readouterr()
+    assert main(["predict", "--run", str(two_runs[0]), "--input", str(scans), "--output", str(checked), "--qc"]) == 0
+    assert "5 already there" in capsys.readouterr().out
+    with open(checked / "qc" / "ranking.csv") as f:
+        assert [r["case"] for r in csv.DictReader(f)] == [r["case"] for r in rows]
