@@ -185,7 +185,8 @@ def cmd_predict(args) -> None:
                      checkpoint=args.checkpoint, mesh=parse_mesh_arg(args.mesh) if args.mesh else None,
                      plan=args.plan, model=args.model, mirror_axes=_mirror_axes(args),
                      postprocessing=read_postprocessing(args.postprocessing) if args.postprocessing else None,
-                     save_probabilities=args.save_probabilities, output_format=args.output_format, qc=args.qc)
+                     save_probabilities=args.save_probabilities, output_format=args.output_format, qc=args.qc,
+                     pre_annotations=args.pre_annotations)
     skipped = f" ({len(result['skipped'])} already there from this run)" if result["skipped"] else ""
     qc = f"; quality control in {args.output}/qc (ranking.csv, report.json, montage.png)" if args.qc else ""
     print(f"wrote {len(result['written'])} predictions to {args.output}{skipped}{qc}")
@@ -496,6 +497,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write CASE.npz: per-class probabilities (float16), for `medseg ensemble`")
     p.add_argument("--output-format", choices=["nifti", "dicom-seg"], default="nifti",
                    help="dicom-seg: a DICOM Segmentation referencing each input DICOM series (CASE.dcm)")
+    p.add_argument("--pre-annotations", action="store_true",
+                   help="also write OUTPUT/annotations: CASE.seg.nrrd (3D Slicer, named and coloured segments), "
+                        "CASE_uncertainty.nii.gz (voxel entropy) and labels.txt (ITK-SNAP label descriptions)")
     p.add_argument("--qc", action="store_true",
                    help="also rank the predictions for checking (OUTPUT/qc: entropy, the ensemble's disagreement, "
                         "structure volumes, out-of-distribution scans; `medseg rank` for more views)")

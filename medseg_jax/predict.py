@@ -39,7 +39,7 @@ from medseg_jax.infer.postprocess import (
 )
 from medseg_jax.infer.sliding_window import sliding_window_inference
 from medseg_jax.infer.tta import mirrored
-from medseg_jax.io import datasets, nifti
+from medseg_jax.io import annotations, datasets, nifti
 from medseg_jax.io.geometry import Geometry, from_canonical, to_canonical
 from medseg_jax.metrics import uncertainty
 from medseg_jax.parallel import mesh as mesh_lib
@@ -62,6 +62,11 @@ def output_name(case_id: str, paths, output_format: str = "nifti") -> str:
     name = Path(paths[0]).name
     ending = ".nii.gz" if name.endswith(".nii.gz") else ".nii"
     return case_id + ending
+
+
+def annotation_paths(annotations_dir: Path, case_id: str) -> tuple[Path, Path]:
+    """A case's pre-annotations: the Slicer segmentation and the uncertainty map."""
+    return annotations_dir / f"{case_id}.seg.nrrd", annotations_dir / f"{case_id}_uncertainty.nii.gz"
 
 
 def probabilities_name(case_id: str) -> str:
@@ -454,7 +459,7 @@ def predict(run_dir=(), input_path=None, output_dir=None, *, overwrite: bool = F
             checkpoint: str = "best", mesh: dict | None = None, plan=None, model=None,
             mirror_axes: Sequence[int] | None = None, postprocessing: dict | None = None,
             save_probabilities: bool = False, output_format: str = "nifti", qc: bool = False,
-            ood_threshold: float | None = None) -> dict:
+            ood_threshold: float | None = None, pre_annotations: bool = False) -> dict:
     """Predicts every scan under `input_path` into `output_dir` with the run(s) `run_dir`, the inference `plan` or the
     exported `model`. Returns {"written": [...], "skipped": [...], "failed": [...]}.
 
@@ -464,6 +469,9 @@ def predict(run_dir=(), input_path=None, output_dir=None, *, overwrite: bool = F
     predicts the rest. With `skip_bad`, bad inputs are reported and the good ones predicted. The next case is read
     and the last one written while the current one is computed. `qc` also writes the quality-control report of
     medseg_jax/qc.py into OUTPUT/qc (from the views prediction computes anyway: the ensemble's members).
+    `pre_annotations` also writes, for annotators, OUTPUT/annotations/CASE.seg.nrrd (3D Slicer: a named, coloured
+    segment per label), CASE_uncertainty.nii.gz (the voxels' normalised entropy, 0 sure .. 1 unsure) and labels.txt
+    (ITK-SNAP's label descriptions for the label maps).
     """
     if output_format not in OUTPUT_FORMATS:
         raise MedsegError(f"--output-format {output_format}: not one of {', '.join(OUTPUT_FORMATS)}")
@@ -487,10 +495,14 @@ def predict(run_dir=(), input_path=None, output_dir=None, *, overwrite: bool = F
     qc_dir = output_dir / "qc"
     done = {case_id for case_id, paths in inputs if not overwrite and _written_by_us(
         targets[case_id], record.get(targets[case_id].name), _source(models, paths))
-        and (not qc or qc_lib.load_case(qc_dir, case_id) is not None)}
-    extra = [output_dir / probabilities_name(c) for c in targets] if save_probabilities else []
+        and (not qc or qc_lib.load_case(qc_dir, case_id) is not None)
+        and (not pre_annotations or all(p.is_file() for p in annotation_paths(output_dir / "annotations", case_id)))}
+    extra = [(c, output_dir / probabilities_name(c)) for c in targets] if save_probabilities else []
+    annotations_dir = output_dir / "annotations"
+    if pre_annotations:
+        extra += [(c, path) for c in targets for path in annotation_paths(annotations_dir, c)]
     existing = [str(p) for c, p in targets.items() if p.exists() and c not in done]
-    existing += [str(p) for p in extra if p.exists() and p.stem not in done]
+    existing += [str(p) for c, p in extra if p.exists() and c not in done]
     if existing and not overwrite:
         raise MedsegError(f"{existing[0]}: already exists ({len(existing)} outputs would be overwritten); "
                           "pass --overwrite or choose another --output")
@@ -512,8 +524,16 @@ def predict(run_dir=(), input_path=None, output_dir=None, *, overwrite: bool = F
         if isinstance(first, RunMember):
             reference = qc_lib.training_reference(qc_lib.training_store(first.config, first.path), str(first.path))
 
-    def write(case_id, paths, labels, probabilities, geometry):
+    if pre_annotations:
+        annotations_dir.mkdir(parents=True, exist_ok=True)
+        annotations.write_itksnap_labels(annotations_dir / "labels.txt", predictor.label_names)
+
+    def write(case_id, paths, labels, probabilities, geometry, uncertainty_map=None):
         target = targets[case_id]
+        if uncertainty_map is not None:  # (before the label map, whose presence marks the case done)
+            seg_path, uncertainty_path = annotation_paths(annotations_dir, case_id)
+            annotations.write_seg_nrrd(seg_path, labels, geometry, predictor.label_names)
+            nifti.write_image(uncertainty_path, uncertainty_map[..., None].astype(np.float32), geometry)
         fileio.remove_temporaries(target)  # what a killed earlier run left half-written
         # Recorded before the output is renamed into place: after a kill at any moment, an output that exists is
         # complete and recorded, so the re-run skips it.
@@ -539,14 +559,16 @@ def predict(run_dir=(), input_path=None, output_dir=None, *, overwrite: bool = F
             if index + 1 < len(todo):
                 reads.append(reader.submit(nifti.read_images, todo[index + 1][1]))
             reads[index] = None  # (the image is ours now; let the reader's copy go)
-            statistics = uncertainty.ViewStatistics(independent=bool(predictor.regions)) if qc else None
+            statistics = (uncertainty.ViewStatistics(independent=bool(predictor.regions))
+                          if qc or pre_annotations else None)
             labels, probabilities = predictor.predict_case(image, geometry, save_probabilities, statistics)
             if qc:
                 qc_lib.save_case(qc_dir, case_id, *qc_lib.case_row(statistics, image, geometry, predictor.plans,
                                                                    predictor.regions, reference))
             if pending_write is not None:
                 written.append(pending_write.result())
-            pending_write = writer.submit(write, case_id, paths, labels, probabilities, geometry)
+            uncertainty_map = statistics.maps()["entropy"] if pre_annotations else None
+            pending_write = writer.submit(write, case_id, paths, labels, probabilities, geometry, uncertainty_map)
         if pending_write is not None:
             written.append(pending_write.result())
     if qc:
