@@ -137,21 +137,30 @@ def prepare_data_config(config_path, overrides):
     return schema.check(config_lib.apply_overrides(config, overrides)).data
 
 
-def cmd_prepare(args, overrides) -> None:
-    from medseg_jax.data.prepare import ValidationFailed, format_plan, prepare, report_tsv
+@contextlib.contextmanager
+def _validation_report(report_path: str | None):
+    """A failed validation prints one line per bad case (and writes them as TSV to `report_path`) before its error."""
+    from medseg_jax.data.prepare import ValidationFailed, report_tsv
 
-    data_config = prepare_data_config(args.config, overrides)
     try:
-        result = prepare(args.source, args.out, data_config, skip_bad=args.skip_bad, workers=args.workers,
-                         unlabelled=args.unlabelled, plan_from=args.plan_from)
+        yield
     except ValidationFailed as failure:
         for line in failure.report:
             print(line, file=sys.stderr)
-        if args.report:
+        if report_path:
             from medseg_jax import fileio
 
-            fileio.write_text(args.report, report_tsv(failure.problems))
+            fileio.write_text(report_path, report_tsv(failure.problems))
         raise
+
+
+def cmd_prepare(args, overrides) -> None:
+    from medseg_jax.data.prepare import format_plan, prepare
+
+    data_config = prepare_data_config(args.config, overrides)
+    with _validation_report(args.report):
+        result = prepare(args.source, args.out, data_config, skip_bad=args.skip_bad, workers=args.workers,
+                         unlabelled=args.unlabelled, plan_from=args.plan_from)
     print(f"prepared {result['cases']} cases ({result['prepared_now']} now) into {result['store']}: "
           f"{format_plan(result['plan'])}")
     if result["problems"]:
@@ -159,6 +168,26 @@ def cmd_prepare(args, overrides) -> None:
               file=sys.stderr)
         for problem in result["problems"]:
             print(problem.line(), file=sys.stderr)
+
+
+def cmd_dataset(args) -> None:
+    from medseg_jax.data import add
+
+    if args.action == "versions":
+        for entry in add.history(args.store):
+            what = (f"{entry['cases']} cases" if "cases" in entry else
+                    f"added {len(entry['added'])}, replaced {len(entry['replaced'])} from {entry['source']} at "
+                    f"{entry['time']}")
+            print(f"version {entry['version']}: {entry['made_by']}: {what}")
+        return
+    with _validation_report(args.report):
+        result = add.add_cases(args.store, args.source, args.cases, replace=args.replace, skip_bad=args.skip_bad,
+                               workers=args.workers)
+    print(f"{result['store']} is now version {result['version']} ({result['cases']} cases): added "
+          f"{len(result['added'])}, replaced {len(result['replaced'])}; fine-tune with `medseg train --init-from RUN "
+          f"--store {result['store']} --workdir NEW_RUN`")
+    for problem in result["problems"]:
+        print(f"left out: {problem.line()}", file=sys.stderr)
 
 
 def _mirror_axes(args):
@@ -476,6 +505,25 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "as fine-tuning will see them, or federated sites "
                                                         "preprocessed alike")
 
+    p = sub.add_parser("dataset", help="add corrected or newly annotated cases to a prepared store (a new version; "
+                                       "runs keep the version they trained on), or list its versions")
+    actions = p.add_subparsers(dest="action", required=True)
+    q = actions.add_parser("add", help="validate cases like `medseg prepare`, preprocess them with the store's plan "
+                                       "and add them as a new version; existing cases are not rewritten")
+    q.add_argument("--store", required=True, help="a store made by `medseg prepare`")
+    q.add_argument("--source", required=True, help="a dataset folder (dataset.json with the store's labels), or "
+                                                   "imagesTr/ + labelsTr/ with NIfTI label maps or Slicer .seg.nrrd "
+                                                   "segmentations (segments matched to the labels by name)")
+    q.add_argument("--cases", nargs="+", metavar="CASE", help="add only these case ids of --source")
+    q.add_argument("--replace", action="store_true", help="a case id the store holds already is replaced by the "
+                                                          "new one in the new version (the old one stays in earlier "
+                                                          "versions)")
+    q.add_argument("--skip-bad", action="store_true", help="add the good cases and report the bad ones")
+    q.add_argument("--workers", type=int, default=1, help="processes reading and preprocessing cases")
+    q.add_argument("--report", help="also write the validation report (TSV) here when validation fails")
+    q = actions.add_parser("versions", help="what each version of a store added or replaced")
+    q.add_argument("--store", required=True, help="a store made by `medseg prepare`")
+
     p = sub.add_parser("predict", help="segment scans with trained runs, an inference plan or an exported model")
     models = p.add_mutually_exclusive_group(required=True)
     models.add_argument("--run", action="append", help="run directory made by `medseg train` or `medseg import`; "
@@ -666,7 +714,8 @@ def main(argv: list[str] | None = None) -> int:
             if unknown:
                 parser.error(f"unrecognized arguments: {' '.join(unknown)}")
             {"demo-data": cmd_demo_data, "predict": cmd_predict, "evaluate": cmd_evaluate, "rank": cmd_rank,
-             "results": cmd_results, "ensemble": cmd_ensemble, "export": cmd_export}[args.command](args)
+             "results": cmd_results, "ensemble": cmd_ensemble, "export": cmd_export,
+             "dataset": cmd_dataset}[args.command](args)
     except MedsegError as exc:
         print(f"medseg {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -43,6 +43,7 @@ class RunDir:
     best_dir = property(lambda self: self.path / "checkpoints" / "best")
     validation_dir = property(lambda self: self.path / "validation")
     splits_path = property(lambda self: self.path / "splits.json")
+    data_version_path = property(lambda self: self.path / "data_version.json")
 
     def has_checkpoint(self) -> bool:
         """Whether a checkpoint was completed: orbax writes a step into `<step>.orbax-checkpoint-tmp...` and renames
@@ -55,6 +56,12 @@ class RunDir:
 
     def load_config(self) -> ml_collections.ConfigDict:
         return config_lib.from_plain(self._read_json(self.config_path))
+
+    def store_version(self) -> int | None:
+        """The version of its store the run trained on (None for a run from before stores had versions)."""
+        if not self.data_version_path.is_file():
+            return None
+        return int(self._read_json(self.data_version_path)["version"])
 
     def save_plans(self, plans: dict) -> None:
         fileio.write_json(self.plans_path, plans)

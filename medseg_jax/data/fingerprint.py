@@ -36,6 +36,9 @@ def default_data_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.dataset = ""
     config.store = ""
+    # the store's version to train on (`medseg dataset add` makes a new one each time): 0 the newest; a run records
+    # the one it used (RUN/data_version.json) and keeps it when resumed
+    config.store_version = 0
     config.target_spacing = ()  # mm per canonical axis; empty: planned from the fingerprint
     config.anisotropy_threshold = 3.0
     config.normalization = "auto"  # auto (by each channel's modality) | ct | zscore | percentile | none, or per

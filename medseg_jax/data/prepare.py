@@ -61,19 +61,21 @@ def report_tsv(problems: Sequence[Problem]) -> str:
 
 # --- per-case work (runs in worker processes) ----------------------------------------------------------------------
 
-def _relative(path: Path, root: Path) -> str:
+def _relative(path: Path, root: Path | None) -> str:
+    if root is None:
+        return str(Path(path).absolute())
     try:
         return str(Path(path).relative_to(root))
     except ValueError:
         return str(path)
 
 
-def validate_case(case: datasets.Case, declared: Sequence[int],
-                  channels: int | None = None) -> tuple[str, dict | None, Problem | None]:
+def validate_case(case: datasets.Case, declared: Sequence[int], channels: int | None = None,
+                  label_names: dict[int, str] | None = None) -> tuple[str, dict | None, Problem | None]:
     """Reads and checks one case (including its channel count against dataset.json's); returns its fingerprint or its
-    problem."""
+    problem. `label_names` match a Slicer segmentation's segments to the labels."""
     try:
-        loaded = load_case(case, declared)
+        loaded = load_case(case, declared, label_names)
         if channels is not None and loaded.image.shape[-1] != channels:
             raise MedsegError(f"{case.image_paths[0]}: {loaded.image.shape[-1]} channels, dataset.json declares "
                               f"{channels}")
@@ -105,8 +107,11 @@ def class_locations(label: np.ndarray, seed: int) -> tuple[np.ndarray, dict[str,
     return locations, offsets
 
 
-def prepare_case(case: datasets.Case, root: Path, source_root: Path, plan: dict, declared: Sequence[int]) -> str:
-    """Reads, preprocesses and writes one case into the store (atomically)."""
+def prepare_case(case: datasets.Case, root: Path, source_root: Path | None, plan: dict, declared: Sequence[int],
+                 extra: dict | None = None) -> str:
+    """Reads, preprocesses and writes one case into the store (atomically). Source paths are kept relative to
+    `source_root` (absolute when None or outside it); `extra` joins the case's record (`data/add.py`: the version
+    that added it, the folder of a replacing case)."""
     loaded = load_case(case, declared)
     pre = preprocess.preprocess_case(loaded.image, loaded.geometry.spacing, plan, loaded.label)
     # an unlabelled case (pretraining) stores an all-background label: it compresses to nothing, and every reader of
@@ -126,6 +131,7 @@ def prepare_case(case: datasets.Case, root: Path, source_root: Path, plan: dict,
         "crop_box": pre.crop_box,
         "class_voxels": {str(c): int(n) for c, n in enumerate(counts) if n},
         "class_locations": offsets,
+        **(extra or {}),
     }
     store_lib.write_case(root, case.case_id, pre.image, label, locations, meta, plan["chunk_shape"])
     return case.case_id
@@ -133,7 +139,7 @@ def prepare_case(case: datasets.Case, root: Path, source_root: Path, plan: dict,
 
 # --- orchestration --------------------------------------------------------------------------------------------------
 
-def _run(fn, items: Sequence, workers: int, desc: str, args: tuple = ()):
+def map_cases(fn, items: Sequence, workers: int, desc: str, args: tuple = ()):
     """Yields fn(item, *args) for each item (in completion order with workers > 1), with a progress bar."""
     if not items:
         return
@@ -282,7 +288,7 @@ def _prepare(source: Path, out: Path, data_config, skip_bad: bool, workers: int,
         if done < len(cases):
             log.info("resuming %s: %d of %d cases already prepared", out, done, len(cases))
     else:
-        results = list(_run(validate_case, to_prepare, workers, "validating",
+        results = list(map_cases(validate_case, to_prepare, workers, "validating",
                             (declared, len(spec.channel_names))))
         records = {case_id: record for case_id, record, _ in results if record is not None}
         problems += [problem for _, _, problem in results if problem is not None]
@@ -315,9 +321,13 @@ def _prepare(source: Path, out: Path, data_config, skip_bad: bool, workers: int,
         fileio.write_json(out / "prepare.json", header)  # last: its presence marks a resumable store
 
     store_lib.remove_partial_cases(out)
+    newest = json.loads((out / "manifest.json").read_text()) if (out / "manifest.json").is_file() else {}
+    if newest.get("version", 1) > 1:  # complete, and cases were added since (`medseg dataset add`): kept as it is
+        return {"store": str(out), "cases": len(newest["cases"]), "prepared_now": 0, "problems": problems,
+                "plan": plan}
     done = store_lib.completed_cases(out)
     todo = [c for c in cases if c.case_id not in done]
-    for _ in _run(prepare_case, todo, workers, "preparing", (out, spec.root, plan, declared)):
+    for _ in map_cases(prepare_case, todo, workers, "preparing", (out, spec.root, plan, declared)):
         pass
     manifest = {"format": store_lib.FORMAT, "dataset": spec.name, "source_root": str(spec.root.absolute()),
                 "cases": [store_lib.read_case_meta(out, c.case_id) for c in sorted(cases, key=lambda c: c.case_id)]}

@@ -5,8 +5,12 @@
     STORE/fingerprint.json          dataset fingerprint (`data/fingerprint.py`)
     STORE/plans.json                preprocessing plan
     STORE/validation_report.tsv     bad cases left out (only with --skip-bad)
-    STORE/manifest.json             every prepared case's record (written when all cases are in)
-    STORE/cases/<case_id>/          zarr3 group per case; its attributes are the case's manifest record:
+    STORE/manifest.json             every prepared case's record (written when all cases are in): the newest version
+    STORE/versions/<N>.json         the manifest of each earlier version (`medseg dataset add`, `data/add.py`)
+    STORE/sources/v<N>/             the raw files of the cases version N added (imagesTr/, labelsTr/)
+    STORE/cases/<case_id>/          zarr3 group per case; its attributes are the case's manifest record (a case
+                                    replaced by a corrected one in version N: the new one in `<case_id>@v<N>`, named
+                                    by its record's "directory"; the old one stays for the versions that hold it):
         image       float32 (X, Y, Z, C) preprocessed, channels last
         label       uint8 (X, Y, Z) (int16 beyond 255 classes)
         locations   int32 (N, 3) foreground voxel coordinates sorted by class (for oversampling)
@@ -100,13 +104,18 @@ def _write_array(path: Path, array: np.ndarray, inner_chunk: Sequence[int], ctx:
     handle.write(array).result()
 
 
+def case_directory(meta: dict) -> str:
+    """The folder under cases/ that holds a case (its id, unless a corrected version replaced it)."""
+    return meta.get("directory", meta["case_id"])
+
+
 def write_case(root: Path, case_id: str, image: np.ndarray, label: np.ndarray, locations: np.ndarray, meta: dict,
                chunk_shape: Sequence[int], ctx: ts.Context | None = None) -> None:
-    """Writes one case under a temporary name and renames it into `cases/<case_id>` (all or nothing)."""
+    """Writes one case under a temporary name and renames it into `cases/<case_directory(meta)>` (all or nothing)."""
     ctx = ctx or context()
     cases = Path(root) / "cases"
-    final = cases / case_id
-    partial = cases / f"{PARTIAL_PREFIX}{case_id}"
+    final = cases / case_directory({"case_id": case_id, **meta})
+    partial = cases / f"{PARTIAL_PREFIX}{final.name}"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     chunk3 = [int(c) for c in chunk_shape]
@@ -138,12 +147,20 @@ def read_case_meta(root: Path, case_id: str) -> dict:
     return json.loads((Path(root) / "cases" / case_id / "zarr.json").read_text())["attributes"]
 
 
+def version_path(root: Path, version: int) -> Path:
+    return Path(root) / "versions" / f"{int(version)}.json"
+
+
 class Store:
     """Read access to a prepared store: manifest, plan, whole cases and random patches.
 
+    `version`: the store as it was at that version (`medseg dataset add` makes a new one each time it adds cases;
+    earlier runs keep training on theirs); None or 0: the newest.
+
     Picklable (grain sends it to worker processes): open tensorstore handles are dropped and reopened lazily."""
 
-    def __init__(self, root: str | os.PathLike, cache_bytes: int = 0, copy_threads: int | None = None):
+    def __init__(self, root: str | os.PathLike, cache_bytes: int = 0, copy_threads: int | None = None,
+                 version: int | None = None):
         self.root = Path(root)
         self.cache_bytes = cache_bytes
         self.copy_threads = copy_threads
@@ -157,6 +174,13 @@ class Store:
             raise MedsegError(f"{self.root}: preparation did not finish (no manifest.json); run `medseg prepare` "
                               "again with the same --source and --out to complete it")
         self.manifest = json.loads(manifest_path.read_text())
+        newest = int(self.manifest.get("version", 1))
+        if version and int(version) != newest:
+            if not 1 <= int(version) < newest or not version_path(self.root, version).is_file():
+                raise MedsegError(f"{self.root}: no version {version} (this store has versions 1 to {newest})")
+            self.manifest = json.loads(version_path(self.root, version).read_text())
+        self.version = int(self.manifest.get("version", 1))
+        self.newest_version = newest
         self.plan = json.loads((self.root / "plans.json").read_text())
         self.cases: dict[str, dict] = {c["case_id"]: c for c in self.manifest["cases"]}
         self.case_ids = sorted(self.cases)
@@ -194,7 +218,7 @@ class Store:
             return self._handles[case_id]
         if case_id not in self.cases:
             raise MedsegError(f"{self.root}: no case '{case_id}' in the store")
-        base = self.root / "cases" / case_id
+        base = self.root / "cases" / case_directory(self.cases[case_id])
         futures = {name: ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(base / name)}},
                                  context=self._context(), read=True, write=False)
                    for name in ("image", "label", "locations")}

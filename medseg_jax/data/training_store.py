@@ -16,11 +16,15 @@ from medseg_jax.errors import MedsegError
 log = logging.getLogger(__name__)
 
 
-def open_training_store(data_config: ml_collections.ConfigDict, workdir: str | Path) -> Store:
-    """The prepared store named by `data.store`; or, with only `data.dataset` set, `WORKDIR/store` prepared from it
-    (resuming an interrupted preparation). Refuses a store prepared with another data config."""
+def open_training_store(data_config: ml_collections.ConfigDict, workdir: str | Path,
+                        version: int | None = None) -> Store:
+    """The prepared store named by `data.store` at `version` (default `data.store_version`; 0 the newest); or, with
+    only `data.dataset` set, `WORKDIR/store` prepared from it (resuming an interrupted preparation). Refuses a store
+    prepared with another data config."""
+    if version is None:
+        version = int(data_config.get("store_version", 0) or 0)
     if data_config.store:
-        store = Store(data_config.store)
+        store = Store(data_config.store, version=version)
     elif data_config.dataset:
         path = Path(workdir) / "store"
         if jax.process_index() == 0:  # one process prepares; the others wait for it and read the result
@@ -31,7 +35,7 @@ def open_training_store(data_config: ml_collections.ConfigDict, workdir: str | P
             from jax.experimental import multihost_utils
 
             multihost_utils.sync_global_devices("medseg: store prepared")
-        store = Store(path)
+        store = Store(path, version=version)
     else:
         raise MedsegError("config keys 'data.store' and 'data.dataset' are both empty: pass "
                           "--config.data.store=STORE (made by `medseg prepare`) or --config.data.dataset=DIR (a "

@@ -105,6 +105,7 @@ RULES: dict[str, Callable] = {
     "data.num_folds": whole(2),
     "data.split_seed": whole(),
     "data.prepare_workers": whole(1),
+    "data.store_version": whole(0),
     "data.oversample_foreground": number(0.0, 1.0),
     "data.workers": whole(0),
     "data.threads": whole(0),

@@ -87,14 +87,14 @@ def score_sweep(finished: dict[str, dict[int, runs.RunDir]], tolerance_mm: float
                 workers: int = 1) -> list[dict]:
     """One row per trial x case x class: each case scored from the fold run that held it out."""
     tasks, fold_of = [], {}
-    stores: dict[str, Store] = {}
+    stores: dict[tuple, Store] = {}
     for trial, folds in finished.items():
         for fold, run in folds.items():
             config = run.load_config()
-            store_path = config.data.store
-            if store_path not in stores:
-                stores[store_path] = Store(store_path)
-            store = stores[store_path]
+            key = (config.data.store, run.store_version())  # the cases (and labels) the run was trained with
+            if key not in stores:
+                stores[key] = Store(key[0], version=key[1])
+            store = stores[key]
             labels = {int(k): v for k, v in store.plan["labels"].items()}
             classes = [c for c in sorted(labels) if c != 0]
             val_ids = json.loads(run.splits_path.read_text())[fold]["val"] if run.splits_path.is_file() else []

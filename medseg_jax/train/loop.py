@@ -103,6 +103,19 @@ class StepTimes:
         return result
 
 
+def recorded_store_version(config: ml_collections.ConfigDict, run: runs.RunDir, resume: bool) -> int:
+    """The store version a run trains on: a resumed run keeps the one it started on, whatever was added to the store
+    since; a new one takes `data.store_version` (0: the newest)."""
+    asked = int(config.data.get("store_version", 0) or 0)
+    recorded = run.store_version() if resume else None
+    if recorded is None:
+        return asked
+    if asked and asked != recorded:
+        raise MedsegError(f"config key 'data.store_version': {asked}, but {run.path} trains on version {recorded} of "
+                          "its store; resume it without the override, or start a new run")
+    return recorded
+
+
 def _train(config: ml_collections.ConfigDict, run: runs.RunDir, resume: bool, stop_at_step: int | None,
            profile_steps: int = 0) -> dict:
     resume = check_run_dir(run, resume)
@@ -111,7 +124,7 @@ def _train(config: ml_collections.ConfigDict, run: runs.RunDir, resume: bool, st
     # checked before any data is touched
     mesh_lib.check_batch_divisible(config.train.batch_size, layout)
     mesh_lib.check_batch_divisible(config.infer.batch_size, layout, key="infer.batch_size")
-    store = open_training_store(config.data, run.path)
+    store = open_training_store(config.data, run.path, recorded_store_version(config, run, resume))
     plan = store.plan
     pretraining = is_pretraining(config)
     if pretraining:  # masked image modelling learns from every image; nothing to validate a segmentation on
@@ -146,6 +159,9 @@ def _train(config: ml_collections.ConfigDict, run: runs.RunDir, resume: bool, st
         run.save_plans(plan)
         if folds is not None:  # the folds this run's fold was drawn from, as nnU-Net keeps splits_final.json
             fileio.write_json(run.splits_path, folds)
+        # which cases: the store may get new versions (`medseg dataset add`) while this run trains or after it
+        fileio.write_json(run.data_version_path, {"store": str(store.root.absolute()), "version": store.version,
+                                                  "cases": len(store.case_ids)})
     start_step = 0
     latest, best = run.checkpoint_managers(writer=True)
     data_restorable = False
@@ -270,7 +286,8 @@ def _train(config: ml_collections.ConfigDict, run: runs.RunDir, resume: bool, st
                "first_step_seconds": first_step_seconds,
                "device": mesh_lib.describe_devices(), "mesh": layout.describe(),
                "processes": jax.process_count(), "best_val_dice": None if np.isnan(best_dice) else best_dice,
-               "best_step": best.best_step(), "store": str(store.root), "skipped_steps": guard.skipped,
+               "best_step": best.best_step(), "store": str(store.root), "store_version": store.version,
+               "skipped_steps": guard.skipped,
                "task": "pretrain" if pretraining else "segment"}
     if original_dice:
         per_class = {str(c): nanmean([d.get(c, float("nan")) for d in original_dice.values()])
