@@ -181,8 +181,8 @@ def cmd_dataset(args) -> None:
             print(f"version {entry['version']}: {entry['made_by']}: {what}")
         return
     with _validation_report(args.report):
-        result = add.add_cases(args.store, args.source, args.cases, replace=args.replace, skip_bad=args.skip_bad,
-                               workers=args.workers)
+        result = add.add_cases(args.store, args.source, args.cases, images=args.images, labels=args.labels,
+                               replace=args.replace, skip_bad=args.skip_bad, workers=args.workers)
     print(f"{result['store']} is now version {result['version']} ({result['cases']} cases): added "
           f"{len(result['added'])}, replaced {len(result['replaced'])}; fine-tune with `medseg train --init-from RUN "
           f"--store {result['store']} --workdir NEW_RUN`")
@@ -511,9 +511,12 @@ def build_parser() -> argparse.ArgumentParser:
     q = actions.add_parser("add", help="validate cases like `medseg prepare`, preprocess them with the store's plan "
                                        "and add them as a new version; existing cases are not rewritten")
     q.add_argument("--store", required=True, help="a store made by `medseg prepare`")
-    q.add_argument("--source", required=True, help="a dataset folder (dataset.json with the store's labels), or "
-                                                   "imagesTr/ + labelsTr/ with NIfTI label maps or Slicer .seg.nrrd "
-                                                   "segmentations (segments matched to the labels by name)")
+    q.add_argument("--source", help="a dataset folder (dataset.json with the store's labels), or imagesTr/ + "
+                                    "labelsTr/ with NIfTI label maps or Slicer .seg.nrrd segmentations (segments "
+                                    "matched to the labels by name)")
+    q.add_argument("--images", help="instead of --source: a folder of scans (with --labels)")
+    q.add_argument("--labels", help="instead of --source: their labels, CASE.nii.gz or CASE.seg.nrrd (e.g. `medseg "
+                                    "predict --pre-annotations`'s annotations/ once corrected)")
     q.add_argument("--cases", nargs="+", metavar="CASE", help="add only these case ids of --source")
     q.add_argument("--replace", action="store_true", help="a case id the store holds already is replaced by the "
                                                           "new one in the new version (the old one stays in earlier "

@@ -169,3 +169,25 @@ def test_a_run_keeps_the_store_version_it_started_on(store, tmp_path):
         train(config, tmp_path / "run", resume=True)
     config.data.store_version = 0
     assert train(config, tmp_path / "new_run")["store_version"] == 2
+
+
+def test_corrected_pre_annotations_go_back_through_images_and_labels_folders(store, tmp_path):
+    """The loop's round trip: scans + `medseg predict --pre-annotations`' folder (CASE.seg.nrrd beside
+    CASE_uncertainty.nii.gz and labels.txt), corrected in Slicer, added as they are."""
+    scans, pre = tmp_path / "to_annotate", tmp_path / "pre" / "annotations"
+    scans.mkdir()
+    pre.mkdir(parents=True)
+    image, label = make_tiny_case(30)
+    nib.save(nib.Nifti1Image(image, AFFINE), scans / "scan_30.nii.gz")
+    _, geometry = nifti.read_image(scans / "scan_30.nii.gz")
+    annotations.write_seg_nrrd(pre / "scan_30.seg.nrrd", label, geometry, {0: "background", 1: "big", 2: "small"})
+    nib.save(nib.Nifti1Image(np.zeros(image.shape, np.float32), AFFINE), pre / "scan_30_uncertainty.nii.gz")
+    annotations.write_itksnap_labels(pre / "labels.txt", {0: "background", 1: "big", 2: "small"})
+    result = medseg("dataset", "add", "--store", store, "--images", scans, "--labels", pre)
+    assert result.returncode == 0, result.stderr
+    added = Store(store)
+    assert added.version == 2 and "scan_30" in added.cases
+    pre_label = preprocess.preprocess_case(image[..., None], (2.0, 2.0, 3.0), added.plan, label).label
+    assert np.array_equal(added.read_case("scan_30")[1], pre_label)
+    both = medseg("dataset", "add", "--store", store, "--source", scans, "--images", scans)
+    assert both.returncode == 2 and "either --source" in both.stderr

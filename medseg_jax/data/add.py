@@ -39,32 +39,41 @@ def _store_labels(store: store_lib.Store) -> dict[int, str]:
     return {int(k): v for k, v in store.plan["labels"].items()}
 
 
-def source_cases(source: Path, store: store_lib.Store, problems: list[Problem]) -> list[Case]:
-    """The labelled cases of `source`: a dataset folder (its dataset.json must declare the store's labels and channel
-    count) or, without dataset.json, imagesTr/ (nnU-Net names: CASE_0000.nii.gz, ...) with labelsTr/CASE.nii.gz or
-    labelsTr/CASE.seg.nrrd."""
+def source_cases(source: Path | None, store: store_lib.Store, problems: list[Problem], images: Path | None = None,
+                 labels: Path | None = None) -> list[Case]:
+    """The labelled cases to add: `source`, a dataset folder (its dataset.json must declare the store's labels and
+    channel count) or, without dataset.json, imagesTr/ + labelsTr/; or the folders `images` (scans, nnU-Net channel
+    names or one file per case) and `labels` (CASE.nii.gz or CASE.seg.nrrd, e.g. `medseg predict --pre-annotations`'s
+    annotations/ folder once corrected)."""
+    if source is None:
+        return folder_cases(images, labels, problems)
     if not source.is_dir():
         raise MedsegError(f"{source}: source folder not found")
-    labels = _store_labels(store)
+    store_labels = _store_labels(store)
     if (source / "dataset.json").is_file():
         spec = datasets.load_dataset(source, problems=problems)
-        if {v: n for v, n in spec.labels.items()} != labels:
+        if {v: n for v, n in spec.labels.items()} != store_labels:
             raise MedsegError(f"{source / 'dataset.json'}: labels {spec.labels} differ from store {store.root}'s "
-                              f"{labels}")
+                              f"{store_labels}")
         if len(spec.channel_names) != store.num_channels:
             raise MedsegError(f"{source / 'dataset.json'}: {len(spec.channel_names)} channel(s), store "
                               f"{store.root} has {store.num_channels}")
         return list(spec.training)
-    images = source / "imagesTr"
-    if not images.is_dir():
+    if not (source / "imagesTr").is_dir():
         raise MedsegError(f"{source}: no dataset.json and no imagesTr/ folder; give a dataset folder, or imagesTr/ "
                           "(CASE_0000.nii.gz, ...) with labelsTr/ (CASE.nii.gz or CASE.seg.nrrd)")
+    return folder_cases(source / "imagesTr", source / "labelsTr", problems)
+
+
+def folder_cases(images: Path, labels: Path, problems: list[Problem]) -> list[Case]:
+    """A folder of scans and one of their labels (CASE.nii.gz, CASE.nii or CASE.seg.nrrd)."""
+    if not Path(labels).is_dir():
+        raise MedsegError(f"{labels}: labels folder not found")
     cases = []
     for case_id, paths in datasets.list_nifti_inputs(images):
-        found = [source / "labelsTr" / f"{case_id}{ending}" for ending in LABEL_ENDINGS]
-        found = [path for path in found if path.is_file()]
+        found = [path for path in (Path(labels) / f"{case_id}{ending}" for ending in LABEL_ENDINGS) if path.is_file()]
         if not found:
-            problems.append(Problem(case_id, str(source / "labelsTr" / f"{case_id}.nii.gz"),
+            problems.append(Problem(case_id, str(Path(labels) / f"{case_id}.nii.gz"),
                                     f"missing label for {paths[0].name} (CASE.nii.gz, CASE.nii or CASE.seg.nrrd)"))
         elif len(found) > 1:
             problems.append(Problem(case_id, str(found[1]), f"two labels for one case ({found[0].name} and "
@@ -116,23 +125,29 @@ def _add_one(case: Case, root: Path, folder: Path, plan: dict, declared: Sequenc
     return case.case_id
 
 
-def add_cases(store_path, source, case_ids: Sequence[str] | None = None, *, replace: bool = False,
-              skip_bad: bool = False, workers: int = 1) -> dict:
-    """Adds `source`'s cases (or those named by `case_ids`) to the store as a new version; returns a summary."""
+def add_cases(store_path, source=None, case_ids: Sequence[str] | None = None, *, images=None, labels=None,
+              replace: bool = False, skip_bad: bool = False, workers: int = 1) -> dict:
+    """Adds the cases of `source` (or of the folders `images` and `labels`), all or those named by `case_ids`, to the
+    store as a new version; returns a summary."""
     if workers < 1:
         raise MedsegError(f"--workers {workers}: must be at least 1")
-    root, source = Path(store_path), Path(source)
+    if (source is not None and (images is not None or labels is not None)) or (
+            source is None and (images is None or labels is None)):
+        raise MedsegError("give either --source DATASET or both --images DIR and --labels DIR")
+    root = Path(store_path)
     with fileio.exclusive(root, "being prepared"):
-        return _add(root, source, case_ids, replace, skip_bad, workers)
+        return _add(root, None if source is None else Path(source), case_ids, replace, skip_bad, workers,
+                    None if images is None else Path(images), None if labels is None else Path(labels))
 
 
-def _add(root: Path, source: Path, case_ids: Sequence[str] | None, replace: bool, skip_bad: bool,
-         workers: int) -> dict:
+def _add(root: Path, source: Path | None, case_ids: Sequence[str] | None, replace: bool, skip_bad: bool,
+         workers: int, images: Path | None = None, labels_dir: Path | None = None) -> dict:
     store = store_lib.Store(root)
     if not store.labelled:
         raise MedsegError(f"{root}: a store of images without labels; cases are added to a labelled store")
     problems: list[Problem] = []
-    cases = source_cases(source, store, problems)
+    cases = source_cases(source, store, problems, images, labels_dir)
+    source = source if source is not None else images
     if case_ids:
         known = {c.case_id for c in cases} | {p.case for p in problems}
         unknown = [c for c in case_ids if c not in known]
