@@ -162,17 +162,18 @@ def read_image(path: str | os.PathLike, dtype=np.float32) -> tuple[np.ndarray, G
     return to_canonical(data, geometry), geometry
 
 
-def read_images(paths: Sequence[str | os.PathLike], dtype=np.float32) -> tuple[np.ndarray, Geometry]:
+def read_images(paths: Sequence[str | os.PathLike], dtype=np.float32, reader=None) -> tuple[np.ndarray, Geometry]:
     """Reads one case's channel files (nnU-Net's _0000, _0001, ...) and stacks them as channels, in the given order.
 
-    Every file must have the first file's shape and affine (within 1e-3); the geometry is the first file's.
+    Every file must have the first file's shape and affine (within 1e-3); the geometry is the first file's. `reader`
+    (path -> (canonical array, geometry)) reads other formats (`formats.read_images`).
     """
     paths = [Path(p) for p in paths]
     if not paths:
         raise MedsegError("no image files given for this case")
     arrays, first_geometry = [], None
     for path in paths:
-        array, geometry = read_image(path, dtype=dtype)
+        array, geometry = reader(path) if reader is not None else read_image(path, dtype=dtype)
         if first_geometry is None:
             first_geometry = geometry
         else:
@@ -194,6 +195,12 @@ def read_label(path: str | os.PathLike) -> tuple[np.ndarray, Geometry]:
         if data.shape[3] != 1:
             raise MedsegError(f"{path}: a label map must be 3D, got shape {data.shape}")
         data = data[..., 0]
+    return to_canonical(label_values(path, data), geometry), geometry
+
+
+def label_values(path, data: np.ndarray) -> np.ndarray:
+    """A label map's values checked (finite, whole, non-negative numbers; the error names `path`) and as int16, or int32
+    beyond 32767."""
     if data.dtype.kind == "f":
         if not np.all(np.isfinite(data)):
             raise MedsegError(f"{path}: label map contains NaN or infinite values")
@@ -201,16 +208,14 @@ def read_label(path: str | os.PathLike) -> tuple[np.ndarray, Geometry]:
             example = float(data[data != np.round(data)].flat[0])
             raise MedsegError(f"{path}: label map has non-integer values (e.g. {example}); labels must be whole "
                               "numbers 0, 1, 2, ...")
-    if data.size:
-        low, high = data.min(), data.max()
-        if low < 0:
-            raise MedsegError(f"{path}: label map has negative values (min {low}); labels must be 0, 1, 2, ...")
-        if high > np.iinfo(np.int32).max:
-            raise MedsegError(f"{path}: label value {high} is too large")
-        out_dtype = np.int16 if high <= np.iinfo(np.int16).max else np.int32
-    else:
-        out_dtype = np.int16
-    return to_canonical(data.astype(out_dtype, copy=False), geometry), geometry
+    if not data.size:
+        return data.astype(np.int16)
+    low, high = data.min(), data.max()
+    if low < 0:
+        raise MedsegError(f"{path}: label map has negative values (min {low}); labels must be 0, 1, 2, ...")
+    if high > np.iinfo(np.int32).max:
+        raise MedsegError(f"{path}: label value {high} is too large")
+    return data.astype(np.int16 if high <= np.iinfo(np.int16).max else np.int32, copy=False)
 
 
 def check_same_grid(image_geom: Geometry, label_geom: Geometry, image_path, label_path, atol: float = 1e-3) -> None:
@@ -276,6 +281,13 @@ def write_label(path: str | os.PathLike, canonical_label: np.ndarray, geometry: 
     Stored as uint8, or int16 / int32 when values exceed 255 / 32767. `reference_header` (a nibabel NIfTI header, e.g.
     the scan's own) overrides the spatial fields recorded in `geometry`; its affine must match the geometry's.
     """
+    label, dtype = label_to_write(canonical_label)
+    _write(path, from_canonical(label, geometry), geometry, dtype, reference_header)
+
+
+def label_to_write(canonical_label: np.ndarray) -> tuple[np.ndarray, type]:
+    """A label map handed to a writer, checked ((X, Y, Z), integer, non-negative), and the smallest file dtype that
+    holds it: uint8, int16 beyond 255, int32 beyond 32767."""
     label = np.asarray(canonical_label)
     if label.ndim == 4 and label.shape[3] == 1:
         label = label[..., 0]
@@ -286,8 +298,7 @@ def write_label(path: str | os.PathLike, canonical_label: np.ndarray, geometry: 
     high = int(label.max()) if label.size else 0
     if label.size and int(label.min()) < 0:
         raise ValueError(f"label map has negative values (min {int(label.min())})")
-    dtype = np.uint8 if high <= 255 else np.int16 if high <= 32767 else np.int32
-    _write(path, from_canonical(label, geometry), geometry, dtype, reference_header)
+    return label, np.uint8 if high <= 255 else np.int16 if high <= 32767 else np.int32
 
 
 def write_image(path: str | os.PathLike, canonical_image: np.ndarray, geometry: Geometry,
