@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from medseg_jax import fileio
 from medseg_jax.errors import MedsegError
-from medseg_jax.io import datasets, nifti
+from medseg_jax.io import datasets, formats, nifti
 from medseg_jax.metrics import report
 
 
@@ -45,9 +45,11 @@ def _find_label_names(ref_dir: Path, dataset_json: str | Path | None) -> dict[in
 def _nifti_files(folder: Path, role: str) -> dict[str, Path]:
     if not folder.is_dir():
         raise MedsegError(f"{folder}: {role} folder not found")
-    files = {p.name: p for p in sorted(folder.iterdir()) if p.name.endswith((".nii.gz", ".nii"))}
+    files = {p.name: p for p in sorted(folder.iterdir())
+             if formats.ending_of(p.name) not in (None, ".raw") and not p.name.startswith(".") and p.is_file()}
     if not files:
-        raise MedsegError(f"{folder}: no .nii/.nii.gz files in the {role} folder")
+        raise MedsegError(f"{folder}: no .nii/.nii.gz files (nor {', '.join(formats.ENDINGS[2:])}) in the {role} "
+                          "folder")
     return files
 
 
@@ -56,7 +58,8 @@ UNITS = {"hd": "mm", "hd95": "mm", "assd": "mm"}
 
 
 def _case_id(name: str) -> str:
-    return name.replace(".nii.gz", "").replace(".nii", "")
+    ending = formats.ending_of(name)
+    return name[: -len(ending)] if ending else name
 
 
 def _evaluate_one(task) -> tuple[list[dict], str | None]:
@@ -65,8 +68,8 @@ def _evaluate_one(task) -> tuple[list[dict], str | None]:
 
     prediction, pred_path, ref_path, names, classes, tolerance_mm, surface = task
     try:
-        ref, ref_geometry = nifti.read_label(ref_path)
-        pred, pred_geometry = nifti.read_label(pred_path)
+        ref, ref_geometry = formats.read_label(ref_path)
+        pred, pred_geometry = formats.read_label(pred_path)
         # Prediction and reference must share one grid, so comparing their canonical arrays compares the files.
         nifti.check_same_grid(ref_geometry, pred_geometry, ref_path, pred_path)
         if names is not None:

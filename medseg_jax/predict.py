@@ -39,7 +39,7 @@ from medseg_jax.infer.postprocess import (
 )
 from medseg_jax.infer.sliding_window import sliding_window_inference
 from medseg_jax.infer.tta import mirrored
-from medseg_jax.io import annotations, datasets, nifti
+from medseg_jax.io import annotations, datasets, formats, nifti
 from medseg_jax.io.geometry import Geometry, from_canonical, to_canonical
 from medseg_jax.metrics import uncertainty
 from medseg_jax.parallel import mesh as mesh_lib
@@ -57,11 +57,10 @@ def output_name(case_id: str, paths, output_format: str = "nifti") -> str:
         return case_id + ".dcm"
     if Path(paths[0]).is_dir():  # a DICOM series: the prediction is NIfTI in the series' geometry
         return case_id + ".nii.gz"
-    if len(paths) == 1:
+    if len(paths) == 1 and formats.ending_of(paths[0]) not in formats.JPEG:
         return Path(paths[0]).name
-    name = Path(paths[0]).name
-    ending = ".nii.gz" if name.endswith(".nii.gz") else ".nii"
-    return case_id + ending
+    # the input's own format (a JPEG's labels go to PNG: JPEG would change them)
+    return formats.prediction_path(paths[0], Path("."), case_id).name
 
 
 def annotation_paths(annotations_dir: Path, case_id: str) -> tuple[Path, Path]:
@@ -388,7 +387,7 @@ def write_prediction(target: Path, labels: np.ndarray, geometry: Geometry, paths
 
         write_dicom_seg(target, labels, paths[0], label_names)
     else:
-        nifti.write_label(target, labels, geometry)
+        formats.write_label(target, labels, geometry)
 
 
 def check_inputs(inputs, channels: int | None = None) -> list[tuple[str, tuple, str]]:
@@ -397,7 +396,7 @@ def check_inputs(inputs, channels: int | None = None) -> list[tuple[str, tuple, 
     problems = []
     for case_id, paths in inputs:
         try:
-            image, _ = nifti.read_images(paths)
+            image, _ = formats.read_images(paths)
             if channels is not None and image.shape[-1] != channels:
                 raise MedsegError(f"{paths[0]}: {image.shape[-1]} channels, the model was trained on {channels}")
         except MedsegError as exc:
@@ -552,12 +551,12 @@ def predict(run_dir=(), input_path=None, output_dir=None, *, overwrite: bool = F
 
     written = []
     with concurrent.futures.ThreadPoolExecutor(1) as reader, concurrent.futures.ThreadPoolExecutor(1) as writer:
-        reads = [reader.submit(nifti.read_images, paths) for _, paths in todo[:1]]
+        reads = [reader.submit(formats.read_images, paths) for _, paths in todo[:1]]
         pending_write = None
         for index, (case_id, paths) in enumerate(tqdm(todo, desc="predicting", unit="case")):
             image, geometry = reads[index].result()
             if index + 1 < len(todo):
-                reads.append(reader.submit(nifti.read_images, todo[index + 1][1]))
+                reads.append(reader.submit(formats.read_images, todo[index + 1][1]))
             reads[index] = None  # (the image is ours now; let the reader's copy go)
             statistics = (uncertainty.ViewStatistics(independent=bool(predictor.regions))
                           if qc or pre_annotations else None)

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from medseg_jax import qc
 from medseg_jax.errors import MedsegError
 from medseg_jax.infer.tta import mirror_combinations
-from medseg_jax.io import datasets, nifti
+from medseg_jax.io import datasets, formats
 from medseg_jax.metrics import uncertainty
 from medseg_jax.predict import RunMember, check_inputs, configured_mirror_axes, read_plan
 
@@ -66,7 +66,7 @@ def rank(run_dirs: Sequence[str | Path] = (), input_path=None, out_dir=None, *, 
 
     rows, shown = [], {}
     for case_id, paths in tqdm(todo, desc="ranking", unit="case"):
-        image, geometry = nifti.read_images(paths)
+        image, geometry = formats.read_images(paths)
         statistics = uncertainty.ViewStatistics(independent=bool(first.regions))
         for member, flips in members:
             for view_labels, probabilities in member.views_on_scan(image, geometry, flips):

@@ -246,9 +246,9 @@ def test_nnunet_missing_file_ending(tmp_path):
 
 def test_nnunet_unsupported_file_ending(tmp_path):
     data = _nnunet(tmp_path)
-    data["file_ending"] = ".mha"
+    data["file_ending"] = ".xyz"  # (.mha, .nrrd, .png, ... are read: io/formats.py)
     _write_json(tmp_path, data)
-    _assert_error(tmp_path, "dataset.json", ".mha")
+    _assert_error(tmp_path, "dataset.json", "'.xyz' is not supported")
 
 
 def test_no_training_cases(tmp_path):
@@ -341,11 +341,13 @@ def test_list_single_file(tmp_path):
     assert datasets.list_nifti_inputs(path) == [("ct_scan", (path,))]
 
 
-def test_list_single_non_nifti_file(tmp_path):
-    path = tmp_path / "scan.mha"
+def test_list_single_file_of_an_unknown_kind(tmp_path):
+    path = tmp_path / "scan.gif"
     path.write_bytes(b"x")
-    with pytest.raises(MedsegError, match="scan.mha"):
+    with pytest.raises(MedsegError, match="scan.gif: not an image file"):
         datasets.list_nifti_inputs(path)
+    (tmp_path / "scan.mha").write_bytes(b"x")  # a MetaImage is an input (read, and refused if broken, later)
+    assert datasets.list_nifti_inputs(tmp_path / "scan.mha") == [("scan", (tmp_path / "scan.mha",))]
 
 
 def test_list_folder_groups_channels(tmp_path):

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from medseg_jax.errors import MedsegError
+from medseg_jax.io import formats, nifti
 from medseg_jax.io import geometry as geometry_lib
-from medseg_jax.io import nifti
 from medseg_jax.io.annotations import read_seg_nrrd
 from medseg_jax.io.datasets import Case, check_declared_labels
 
@@ -55,19 +55,21 @@ def read_segmentation(path, label_names: dict[int, str] | None = None) -> tuple[
     return geometry_lib.to_canonical(lookup[voxels], geometry), geometry
 
 
-def read_label_file(path, label_names: dict[int, str] | None = None) -> tuple[np.ndarray, geometry_lib.Geometry]:
-    """A canonical label map from a NIfTI file or a Slicer `.seg.nrrd`."""
+def read_label_file(path, label_names: dict[int, str] | None = None,
+                    spacing_2d=None) -> tuple[np.ndarray, geometry_lib.Geometry]:
+    """A canonical label map from a Slicer `.seg.nrrd` or any format of `formats` (NIfTI, MetaImage, NRRD, 2D
+    pictures with `spacing_2d` mm per pixel)."""
     if str(path).endswith(SEG_NRRD):
         return read_segmentation(path, label_names)
-    return nifti.read_label(path)
+    return formats.read_label(path, spacing_2d)
 
 
 def load_case(case: Case, declared_labels: Sequence[int] | None = None,
               label_names: dict[int, str] | None = None) -> LoadedCase:
-    image, geometry = nifti.read_images(case.image_paths)
+    image, geometry = formats.read_images(case.image_paths, case.spacing_2d)
     label = None
     if case.label_path is not None:
-        label, label_geometry = read_label_file(case.label_path, label_names)
+        label, label_geometry = read_label_file(case.label_path, label_names, case.spacing_2d)
         nifti.check_same_grid(geometry, label_geometry, case.image_paths[0], case.label_path)
         if declared_labels is not None:
             check_declared_labels(label, declared_labels, case.label_path)

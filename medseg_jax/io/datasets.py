@@ -8,6 +8,7 @@ in `labelsTr/<case><file_ending>`; "channel_names" and "labels" ({"background": 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -19,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from medseg_jax.errors import MedsegError
+from medseg_jax.io import formats
 
 NIFTI_ENDINGS = (".nii.gz", ".nii")
 _CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
@@ -29,6 +31,7 @@ class Case:
     case_id: str
     image_paths: tuple[Path, ...]  # one per channel file; MSD has one (maybe 4D) file
     label_path: Path | None
+    spacing_2d: tuple[float, float] | None = None  # mm per pixel of 2D pictures (dataset.json "spacing_2d"), else 1
 
 
 @dataclass(frozen=True)
@@ -80,10 +83,12 @@ class DatasetSpec:
 
 
 def _strip_nifti_ending(name: str) -> str | None:
-    for ending in NIFTI_ENDINGS:
-        if name.endswith(ending) and len(name) > len(ending):
-            return name[: -len(ending)]
-    return None
+    """The file name without its image ending (NIfTI, MetaImage, NRRD or a 2D picture: `formats.ENDINGS`), or None
+    for a file of another kind."""
+    ending = formats.ending_of(name)
+    if ending is None or len(name) <= len(ending):
+        return None
+    return name[: -len(ending)]
 
 
 def case_id_from_filename(name: str | os.PathLike) -> str:
@@ -117,7 +122,7 @@ def list_nifti_inputs(path: str | os.PathLike) -> list[tuple[str, tuple[Path, ..
             return [(d.name, (d,)) for d in series]
     if path.is_file():
         if _strip_nifti_ending(path.name) is None:
-            raise MedsegError(f"{path}: not a NIfTI file (expected .nii or .nii.gz)")
+            raise MedsegError(f"{path}: not an image file (expected one of {', '.join(formats.ENDINGS)})")
         return [(case_id_from_filename(path.name), (path,))]
     groups: dict[str, dict[int, Path]] = defaultdict(dict)
     for file in sorted(path.iterdir()):
@@ -132,7 +137,7 @@ def list_nifti_inputs(path: str | os.PathLike) -> list[tuple[str, tuple[Path, ..
             raise MedsegError(f"{file}: case id '{case_id}' is also used by {other.name}; rename one of them")
         groups[case_id][channel] = file
     if not groups:
-        raise MedsegError(f"{path}: no .nii or .nii.gz files in this folder")
+        raise MedsegError(f"{path}: no .nii or .nii.gz files (nor {', '.join(formats.ENDINGS[2:])}) in this folder")
     cases = []
     for case_id in sorted(groups):
         files = groups[case_id]
@@ -377,6 +382,19 @@ def _check_unique(json_path: Path, cases: tuple[Case, ...], split: str,
     return tuple(case for case in cases if case.case_id not in duplicates)
 
 
+def _parse_spacing_2d(json_path: Path, raw: Any) -> tuple[float, float] | None:
+    """dataset.json's optional "spacing_2d": [x, y] mm per pixel of 2D pictures (which carry none themselves)."""
+    if raw is None:
+        return None
+    try:
+        values = tuple(float(v) for v in raw)
+    except (TypeError, ValueError):
+        values = ()
+    if len(values) != 2 or not all(np.isfinite(v) and v > 0 for v in values):
+        raise MedsegError(f"{json_path}: spacing_2d {raw!r} must be two positive numbers [x, y] in mm")
+    return values
+
+
 def load_dataset(root: str | os.PathLike, problems: list[Problem] | None = None,
                  require_training: bool = True) -> DatasetSpec:
     """Reads an MSD or nnU-Net v2 raw dataset folder; every user mistake is a one-line MedsegError.
@@ -408,8 +426,7 @@ def load_dataset(root: str | os.PathLike, problems: list[Problem] | None = None,
         file_ending = data.get("file_ending")
         if file_ending is None:
             raise MedsegError(f"{json_path}: missing 'file_ending' (nnU-Net v2), e.g. \".nii.gz\"")
-    if file_ending not in NIFTI_ENDINGS:
-        raise MedsegError(f"{json_path}: file_ending {file_ending!r} is not supported (only .nii.gz and .nii)")
+    file_ending = formats.check_ending(file_ending, json_path)
 
     if is_msd:
         training, test = _msd_cases(root, json_path, dict(data, training=data.get("training") or []), problems)
@@ -430,6 +447,10 @@ def load_dataset(root: str | os.PathLike, problems: list[Problem] | None = None,
         if expected is not None and expected != len(training) and problems is None:
             raise MedsegError(f"{json_path}: numTraining is {expected} but {root / 'imagesTr'} holds {len(training)} "
                               "cases")
+    spacing_2d = _parse_spacing_2d(json_path, data.get("spacing_2d"))
+    if spacing_2d is not None:
+        training, test, unlabelled = (tuple(dataclasses.replace(c, spacing_2d=spacing_2d) for c in group)
+                                      for group in (training, test, unlabelled))
     training = _check_unique(json_path, training, "training", problems)
     test = _check_unique(json_path, test, "test", problems)
     unlabelled = _check_unique(json_path, unlabelled, "unlabelled", problems)
