@@ -57,9 +57,8 @@ def output_name(case_id: str, paths, output_format: str = "nifti") -> str:
         return case_id + ".dcm"
     if Path(paths[0]).is_dir():  # a DICOM series: the prediction is NIfTI in the series' geometry
         return case_id + ".nii.gz"
-    if len(paths) == 1 and formats.ending_of(paths[0]) not in formats.JPEG:
-        return Path(paths[0]).name
-    # the input's own format (a JPEG's labels go to PNG: JPEG would change them)
+    # CASE + the input's own ending, as nnU-Net names predictions (scan_0000.png -> scan.png, matching labelsTs/);
+    # a JPEG's labels go to PNG, which keeps them
     return formats.prediction_path(paths[0], Path("."), case_id).name
 
 

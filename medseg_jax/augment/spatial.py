@@ -33,6 +33,9 @@ class SpatialParams:
     p_mirror: float = 0.5  # per axis
     mirror_axes: tuple[int, ...] = (0, 1, 2)
     label_interpolation: str = "nearest"  # nearest | linear (per class, then argmax)
+    # Set by the pipeline for 2D patches, which it lifts to (X, Y, 1): rotation about z only (in the picture's
+    # plane), no mirroring along z and no elastic displacement out of the plane, so every sample stays on the slice.
+    planar: bool = False
 
 
 def _rotation_matrix(angles: jax.Array) -> jax.Array:
@@ -44,14 +47,17 @@ def _rotation_matrix(angles: jax.Array) -> jax.Array:
     return rz @ ry @ rx
 
 
-def rotated_extent(patch_size: Sequence[int], max_degrees: float, min_scale: float = 1.0) -> tuple[int, ...]:
-    """The input size whose centre crop covers a patch rotated by up to `max_degrees` about every axis (nnU-Net's
-    "initial patch size" rule), for zooming out down to `min_scale`."""
+def rotated_extent(patch_size: Sequence[int], max_degrees: float, min_scale: float = 1.0,
+                   planar: bool = False) -> tuple[int, ...]:
+    """The input size whose centre crop covers a patch rotated by up to `max_degrees` about every axis (only z when
+    `planar`; nnU-Net's "initial patch size" rule), for zooming out down to `min_scale`."""
     half = np.asarray(patch_size, np.float64) / 2
     corners = np.array(np.meshgrid(*[[-h, h] for h in half], indexing="ij")).reshape(3, -1)
     extent = np.abs(corners).max(axis=1)
     theta = np.deg2rad(max_degrees)
     for angles in np.array(np.meshgrid(*[[-theta, 0, theta]] * 3, indexing="ij")).reshape(3, -1).T:
+        if planar and np.any(angles[:2]):
+            continue
         rotated = np.asarray(_rotation_matrix(jnp.asarray(angles))) @ corners
         extent = np.maximum(extent, np.abs(rotated).max(axis=1))
     return tuple(int(np.ceil(2 * e / min(min_scale, 1.0))) for e in extent)
@@ -63,10 +69,12 @@ def sample_matrix(key: jax.Array, params: SpatialParams) -> tuple[jax.Array, jax
     theta = np.deg2rad(params.rotation_degrees)
     angles = jax.random.uniform(k_angle, (3,), minval=-theta, maxval=theta)
     angles = jnp.where(jax.random.uniform(k_rot) < params.p_rotation, angles, 0.0)
+    if params.planar:  # about z only: R = R_z
+        angles = angles * jnp.array([0.0, 0.0, 1.0])
     scale = jax.random.uniform(k_factor, (), minval=params.scaling[0], maxval=params.scaling[1])
     scale = jnp.where(jax.random.uniform(k_scale) < params.p_scaling, scale, 1.0)
     flips = jax.random.uniform(k_mirror, (3,)) < params.p_mirror
-    allowed = jnp.array([axis in params.mirror_axes for axis in range(3)])
+    allowed = jnp.array([axis in params.mirror_axes and not (params.planar and axis == 2) for axis in range(3)])
     mirror = jnp.where(flips & allowed, -1.0, 1.0)
     return _rotation_matrix(angles) / scale, mirror
 
@@ -77,6 +85,8 @@ def elastic_field(key: jax.Array, patch_size: Sequence[int], params: SpatialPara
     grid = tuple(max(2, int(np.ceil(p / params.elastic_grid)) + 1) for p in patch_size)
     coarse = params.elastic_magnitude * jax.random.normal(k_field, (3, *grid))
     field = jax.image.resize(coarse, (3, *patch_size), method="linear")
+    if params.planar:
+        field = field.at[2].set(0.0)
     return jnp.where(jax.random.uniform(k_apply) < params.p_elastic, field, 0.0)
 
 

@@ -80,8 +80,13 @@ class PatchSampler:
 
     def sample(self, step: int, index: int) -> dict:
         spec = self.spec(step, index)
-        start = [c - p // 2 for c, p in zip(spec.center, self.patch_size)]
-        image, label = self.store.read_patch(spec.case_id, start, self.patch_size)
+        # A 2D patch is one slice (X, Y) of the stored volume, at the centre's z: 2D pictures are stored with z = 1,
+        # and a volume trains slice by slice (nnU-Net's 2d configuration).
+        size = self.patch_size if len(self.patch_size) == 3 else (*self.patch_size, 1)
+        start = [c - p // 2 for c, p in zip(spec.center, size)]
+        image, label = self.store.read_patch(spec.case_id, start, size)
+        if len(self.patch_size) == 2:
+            image, label = image[:, :, 0], label[:, :, 0]
         return {"image": image, "label": label.astype(np.int32)}
 
     def __call__(self, element: int) -> dict:

@@ -161,9 +161,11 @@ def check(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         if value is _MISSING or (key == "model.features" and value is None):
             continue
         rule(key, value)
-    patch, spacing = _lookup(config, "train.patch_size"), _lookup(config, "data.target_spacing")
-    if _MISSING not in (patch, spacing) and spacing and len(spacing) != len(patch):
-        raise _fail("data.target_spacing", tuple(spacing), f"must have one value per patch axis ({len(patch)})")
+    spacing = _lookup(config, "data.target_spacing")
+    if spacing is not _MISSING and spacing and len(spacing) != 3:
+        # the store holds volumes whatever the patch: a 2D picture is one slice, a 2D patch one slice of a volume
+        raise _fail("data.target_spacing", tuple(spacing), "must have three values (x, y, z) in mm, also for 2D "
+                                                           "pictures and 2D patches (z: 1 for pictures)")
     block = _lookup(config, "pretrain.mask_block")
     if _lookup(config, "task") == "pretrain" and _MISSING not in (patch, block):
         check_block(patch, block)

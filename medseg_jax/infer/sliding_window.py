@@ -47,8 +47,16 @@ def sliding_window_inference(predict_fn: Callable[[np.ndarray], np.ndarray], vol
     gets exactly `batch_size` windows (the last batch is padded with zeros), so a jitted function compiles once. It
     may return a not-yet-computed jax array: `fetch` (to numpy) is called one batch later, so the host cuts the next
     windows and adds up the last logits while the device computes.
+
+    A 2D `patch_size` (a 2D network) slides over the volume's slices: its windows are (X, Y, 1) boxes, handed to
+    `predict_fn` as (batch_size, X, Y, C) pictures, so a 2D picture (Z = 1) and a volume (nnU-Net's 2d configuration,
+    slice by slice) are predicted alike.
     """
     patch_size = tuple(int(p) for p in patch_size)
+    if len(patch_size) == 2:
+        planar_fn = predict_fn
+        predict_fn = lambda windows: planar_fn(windows[:, :, :, 0])[:, :, :, None]  # noqa: E731
+        patch_size = (*patch_size, 1)
     spatial = volume.shape[:-1]
     pad = [(max(p - s, 0) // 2, max(p - s, 0) - max(p - s, 0) // 2) for s, p in zip(spatial, patch_size)]
     padded = np.pad(volume, pad + [(0, 0)], mode="constant") if any(sum(p) for p in pad) else volume

@@ -149,8 +149,9 @@ def build_network(config: ml_collections.ConfigDict, num_classes: int, in_channe
     Training, `medseg memory`, the planner and prediction all build their network here."""
     regions = config.loss.get("regions") if "loss" in config else None
     patch_size = tuple(int(p) for p in config.train.patch_size)
+    # a 2D patch trains a 2D network (2D pictures, or nnU-Net's 2d configuration: slices of volumes)
     return build_model(config.model, num_classes=output_channels(num_classes, regions), in_channels=in_channels,
-                       patch_size=patch_size)
+                       patch_size=patch_size, spatial_dims=len(patch_size))
 
 
 class AxisPermuted(nn.Module):

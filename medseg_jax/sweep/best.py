@@ -27,7 +27,7 @@ from medseg_jax import fileio, runs
 from medseg_jax.data.store import Store
 from medseg_jax.errors import MedsegError
 from medseg_jax.infer.postprocess import labels_of_probabilities, postprocess
-from medseg_jax.io import nifti
+from medseg_jax.io import formats
 from medseg_jax.io.geometry import to_canonical
 from medseg_jax.metrics.overlap import dice_per_class, nanmean
 from medseg_jax.sweep.results import collect
@@ -151,7 +151,7 @@ def find_best(workdir: str | Path, max_members: int = 2) -> dict:
         path = store.source_path(store.cases[case_id]["source"]["label"])
         if path is None or not path.is_file():
             raise MedsegError(f"case {case_id}: its source label ({path}) is not readable any more")
-        return nifti.read_label(path)[0]
+        return formats.read_label(path)[0]
 
     def load(case_id: str):
         probabilities = {}

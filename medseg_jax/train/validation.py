@@ -13,7 +13,7 @@ from medseg_jax import fileio, runs
 from medseg_jax.data.store import Store
 from medseg_jax.infer.postprocess import logits_to_original, to_labels
 from medseg_jax.infer.sliding_window import sliding_window_inference
-from medseg_jax.io import nifti
+from medseg_jax.io import formats, nifti
 from medseg_jax.io.geometry import from_canonical
 from medseg_jax.metrics.overlap import dice_per_class, nanmean
 from medseg_jax.models.registry import output_channels
@@ -69,5 +69,5 @@ def export_validation(store: Store, run: runs.RunDir, case: ValCase, logits: np.
     label_path = store.source_path(meta["source"]["label"])
     if label_path is None or not label_path.is_file():
         return {}
-    reference, _ = nifti.read_label(label_path)
+    reference, _ = formats.read_label(label_path)
     return dice_per_class(prediction, reference, range(1, len(store.plan["labels"])))
