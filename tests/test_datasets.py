@@ -229,12 +229,23 @@ def test_nnunet_num_training_mismatch(tmp_path):
     _assert_error(tmp_path, "dataset.json", "numTraining")
 
 
-def test_nnunet_region_labels_not_supported(tmp_path):
+def test_nnunet_region_labels(tmp_path):
     data = _nnunet(tmp_path)
-    data["labels"] = {"background": 0, "whole tumor": [1, 2, 3], "core": [2, 3]}
-    data["regions_class_order"] = [1, 2]
+    data["labels"] = {"background": 0, "whole tumor": [1, 2, 3], "core": [2, 3], "enhancing": 3}
+    data["regions_class_order"] = [1, 2, 3]
     _write_json(tmp_path, data)
-    _assert_error(tmp_path, "dataset.json", "whole tumor", "not supported yet")
+    spec = datasets.load_dataset(tmp_path)
+    assert spec.regions == ((1, 2, 3), (2, 3), (3,))
+    assert spec.labels == {0: "background", 1: "whole tumor", 2: "core", 3: "enhancing"}
+    data["regions_class_order"] = [3, 2, 1]
+    _write_json(tmp_path, data)
+    _assert_error(tmp_path, "dataset.json", "regions_class_order [3, 2, 1]", "outermost to the innermost")
+    del data["regions_class_order"]
+    _write_json(tmp_path, data)
+    _assert_error(tmp_path, "dataset.json", "need 'regions_class_order'")
+    data["labels"]["core"] = [2, "x"]
+    _write_json(tmp_path, data)
+    _assert_error(tmp_path, "dataset.json", "region 'core'")
 
 
 def test_nnunet_missing_file_ending(tmp_path):

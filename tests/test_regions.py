@@ -34,3 +34,28 @@ def test_region_training_validates_and_predicts_labels(tiny_dataset, tmp_path):
     assert len(outputs) == 2
     for path in outputs:
         assert set(np.unique(np.asarray(nib.load(path).dataobj))) <= {0, 1, 2}
+
+
+def test_a_region_labelled_dataset_prepares_and_trains_on_its_regions(tmp_path):
+    """nnU-Net's region-based dataset.json: the plan keeps the regions, training learns them (one sigmoid output per
+    region, `loss.regions` taken from the dataset) and prediction paints them back into the label values."""
+    import json
+
+    from medseg_jax import runs
+    from medseg_jax.predict import predict
+    from medseg_jax.train.loop import train
+    from tests.conftest import write_tiny_dataset
+
+    dataset = write_tiny_dataset(tmp_path / "ds", num_train=3, num_test=1, oblique_test=False)
+    spec = json.loads((dataset / "dataset.json").read_text())
+    spec["labels"] = {"background": 0, "lesion": [1, 2], "core": 2}  # the small structure inside a larger region
+    spec["regions_class_order"] = [1, 2]
+    (dataset / "dataset.json").write_text(json.dumps(spec))
+    summary = train(tiny_config(dataset, steps=4), tmp_path / "run")
+    run = runs.RunDir(tmp_path / "run")
+    assert run.load_plans()["regions"] == [[1, 2], [2]]
+    assert [list(r) for r in run.load_config().loss.regions] == [[1, 2], [2]]
+    assert summary["steps"] == 4
+    predict(tmp_path / "run", dataset / "imagesTs", tmp_path / "pred", checkpoint="latest")
+    predicted = np.asarray(nib.load(tmp_path / "pred" / "tiny_003.nii.gz").dataobj)
+    assert set(np.unique(predicted)) <= {0, 1, 2}

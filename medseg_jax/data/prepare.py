@@ -306,6 +306,8 @@ def _prepare(source: Path, out: Path, data_config, skip_bad: bool, workers: int,
             plan = borrowed[0]
         else:
             plan = fp.make_plan(fingerprint, spec.labels, spec.channel_names, spec.modality, data_config)
+        if spec.regions:  # region-based labels: training learns these (loss.regions), prediction paints them back
+            plan["regions"] = [list(region) for region in spec.regions]
         if unlabelled:
             plan["labelled"] = False  # `medseg train` refuses the store; `medseg pretrain` reads its images
         if existing:  # a store whose header never finished: ours to clear

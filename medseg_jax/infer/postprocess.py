@@ -10,23 +10,12 @@ whole tumour {1, 2, 3}, tumour core {2, 3}, enhancing {3}. A voxel belongs to a 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 import scipy.ndimage
 
 from medseg_jax.data.preprocess import logits_to_box, paste
 from medseg_jax.errors import MedsegError
-
-
-def region_labels(regions: Sequence[Sequence[int]]) -> list[int]:
-    """The label each region paints: the smallest of its values that no later region contains (else its largest)."""
-    labels = []
-    for index, region in enumerate(regions):
-        later = set().union(*[set(r) for r in regions[index + 1:]])
-        own = sorted(set(int(v) for v in region) - later)
-        labels.append(own[0] if own else max(int(v) for v in region))
-    return labels
+from medseg_jax.io.datasets import region_labels  # (the painting rule dataset.json's regions_class_order must match)
 
 
 def to_labels(logits: np.ndarray, regions=None) -> np.ndarray:

@@ -13,6 +13,7 @@ import json
 import os
 import re
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,8 @@ class DatasetSpec:
     # images without labels, for pretraining: dataset.json's "unlabelled" list (Decathlon layout) or the
     # imagesUnlabelled folder (nnU-Net layout, channel-suffixed files as imagesTr)
     unlabelled: tuple[Case, ...] = ()
+    # region-based labels (nnU-Net's format): the overlapping regions a model learns, one sigmoid output each
+    regions: tuple[tuple[int, ...], ...] | None = None
 
     @property
     def modality(self) -> str:
@@ -190,18 +193,53 @@ def check_declared_labels(label: np.ndarray, declared, path) -> None:
                           f"(declared: {sorted(declared)})")
 
 
+def region_labels(regions: Sequence[Sequence[int]]) -> list[int]:
+    """The label each region paints: the smallest of its values that no later region contains (else its largest)."""
+    labels = []
+    for index, region in enumerate(regions):
+        later = set().union(*[set(r) for r in regions[index + 1:]])
+        own = sorted(set(int(v) for v in region) - later)
+        labels.append(own[0] if own else max(int(v) for v in region))
+    return labels
+
+
+def label_regions(json_path: Path, raw: Any) -> tuple[tuple[int, ...], ...] | None:
+    """nnU-Net's region-based labels (BraTS: {"background": 0, "whole tumor": [1, 2, 3], "tumor core": [2, 3],
+    "enhancing tumor": 3}): the regions in the order given, background left out; None for plain labels."""
+    if not isinstance(raw, dict) or not any(isinstance(v, (list, tuple)) for v in raw.values()):
+        return None
+    regions = []
+    for name, value in raw.items():
+        values = list(value) if isinstance(value, (list, tuple)) else [value]
+        numbers = [None if isinstance(v, (bool, str)) else _non_negative_int(v) for v in values]
+        if not numbers or any(n is None for n in numbers):
+            raise MedsegError(f"{json_path}: region '{name}' has value {value!r}; a region lists non-negative integer "
+                              "label values, e.g. [1, 2, 3]")
+        if numbers == [0]:
+            continue
+        if 0 in numbers:
+            raise MedsegError(f"{json_path}: region '{name}' contains the background value 0")
+        regions.append(tuple(sorted(set(numbers))))
+    return tuple(regions)
+
+
 def parse_labels(json_path: Path, raw: Any) -> dict[int, str]:
+    """dataset.json's labels as {value: name}. Region-based labels give the label values of the label maps, each
+    named after the region that paints it (`region_labels`), or "label V" for a value no region paints."""
     if not isinstance(raw, dict) or not raw:
         raise MedsegError(f"{json_path}: 'labels' must be a non-empty object, e.g. {{\"background\": 0, \"liver\": 1}}")
+    regions = label_regions(json_path, raw)
+    if regions is not None:
+        names = [name for name, value in raw.items() if value not in (0, [0])]
+        painted = dict(zip(region_labels(regions), names))
+        values = sorted(set().union(*map(set, regions)))
+        return {0: "background", **{v: painted.get(v, f"label {v}") for v in values}}
     labels: dict[int, str] = {}
     msd_style = all(isinstance(v, str) for v in raw.values())
     for key, value in raw.items():
         if msd_style:  # {"0": "background", "1": "liver"}
             number, name, shown = _non_negative_int(key), value, key
         else:  # {"background": 0, "liver": 1}
-            if isinstance(value, (list, tuple)):
-                raise MedsegError(f"{json_path}: label '{key}' is a region (list of values {value}); region-based "
-                                  "labels are not supported yet")
             number, name, shown = _non_negative_int(value), key, value
         if number is None or (not msd_style and isinstance(value, str)):
             raise MedsegError(f"{json_path}: label {name!r} has value {shown!r}; label values must be non-negative "
@@ -412,6 +450,16 @@ def load_dataset(root: str | os.PathLike, problems: list[Problem] | None = None,
     if "labels" not in data:
         raise MedsegError(f"{json_path}: missing 'labels', e.g. {{\"background\": 0, \"liver\": 1}}")
     labels = parse_labels(json_path, data["labels"])
+    regions = label_regions(json_path, data["labels"])
+    if regions is not None:
+        order = data.get("regions_class_order")
+        if order is None:
+            raise MedsegError(f"{json_path}: region-based labels need 'regions_class_order' (the label each region "
+                              f"writes, here {region_labels(regions)})")
+        if list(order) != region_labels(regions):
+            raise MedsegError(f"{json_path}: regions_class_order {list(order)} differs from the labels the regions "
+                              f"paint in the order given ({region_labels(regions)}); list the regions from the "
+                              "outermost to the innermost")
     channel_names = _parse_channels(json_path, data)
     name = data.get("name") or root.name
     if not isinstance(name, str):
@@ -458,4 +506,4 @@ def load_dataset(root: str | os.PathLike, problems: list[Problem] | None = None,
         raise MedsegError(f"{json_path}: no training cases found (looked in "
                           f"{'the training list' if is_msd else root / 'imagesTr'})")
     return DatasetSpec(root=root, name=name, channel_names=channel_names, labels=labels, training=training, test=test,
-                       file_ending=file_ending, unlabelled=unlabelled)
+                       file_ending=file_ending, unlabelled=unlabelled, regions=regions)

@@ -126,6 +126,9 @@ def _train(config: ml_collections.ConfigDict, run: runs.RunDir, resume: bool, st
     mesh_lib.check_batch_divisible(config.infer.batch_size, layout, key="infer.batch_size")
     store = open_training_store(config.data, run.path, recorded_store_version(config, run, resume))
     plan = store.plan
+    if plan.get("regions") and not config.loss.get("regions"):  # a region-labelled dataset trains on its regions
+        with config.unlocked():
+            config.loss.regions = tuple(tuple(int(v) for v in region) for region in plan["regions"])
     pretraining = is_pretraining(config)
     if pretraining:  # masked image modelling learns from every image; nothing to validate a segmentation on
         train_ids, val_ids, folds = list(store.case_ids), [], None
