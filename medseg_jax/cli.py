@@ -277,9 +277,11 @@ def cmd_evaluate(args) -> None:
 
 
 def cmd_demo(args, overrides) -> None:
-    from medseg_jax.demo import run_demo
+    from medseg_jax.demo import DEMO_CASES, run_demo
 
-    run_demo(args.out, modality=args.modality, num_train=args.cases, num_test=args.test_cases, seed=args.seed,
+    cases, test_cases = DEMO_CASES.get(args.modality, (20, 5))
+    run_demo(args.out, modality=args.modality, num_train=cases if args.cases is None else args.cases,
+             num_test=test_cases if args.test_cases is None else args.test_cases, seed=args.seed,
              config_path=args.config, overrides=overrides)
 
 
@@ -433,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo-data", help="write synthetic CT/MRI/US phantoms in Decathlon layout")
     p.add_argument("--out", required=True, help="dataset folder to create (must not exist or be empty)")
-    p.add_argument("--modality", choices=["ct", "mri", "us"], default="ct")
+    p.add_argument("--modality", choices=["ct", "mri", "us", "us2d"], default="ct")
     p.add_argument("--cases", type=int, default=20, help="training cases (imagesTr/labelsTr)")
     p.add_argument("--test-cases", type=int, default=5, help="test cases (imagesTs, labels in labelsTs)")
     p.add_argument("--unlabelled-cases", type=int, default=0,
@@ -613,10 +615,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="demo-data -> train -> predict -> evaluate on built-in phantoms; extra "
                                      "--config.key=value arguments override the experiment")
     p.add_argument("--out", default="runs/demo", help="output folder (an existing one is moved aside, not overwritten)")
-    p.add_argument("--modality", choices=["ct", "mri", "us"], default="ct",
+    p.add_argument("--modality", choices=["ct", "mri", "us", "us2d"], default="ct",
                    help="phantoms to train on; each has its own packaged experiment, experiments/demo_<modality>.py")
-    p.add_argument("--cases", type=int, default=20, help="training phantoms")
-    p.add_argument("--test-cases", type=int, default=5, help="test phantoms, predicted and evaluated at the end")
+    p.add_argument("--cases", type=int, help="training phantoms (default 20; us2d: 100 frames)")
+    p.add_argument("--test-cases", type=int, help="test phantoms, predicted and evaluated at the end (default 5; "
+                                                   "us2d: 20 frames)")
     p.add_argument("--seed", type=int, default=0, help="seed of the phantoms (training has config.seed)")
     p.add_argument("--config", help="experiment file (default: the modality's packaged demo experiment)")
 

@@ -20,6 +20,10 @@ from medseg_jax.metrics.report import dice_table
 
 log = logging.getLogger(__name__)
 
+# (training, test) phantoms per modality where they differ from 20 and 5: 2D frames are cheap, and a frame shows less
+# of each structure than a volume does
+DEMO_CASES = {"us2d": (100, 20)}
+
 
 def demo_config_path(modality: str) -> Path:
     """The packaged experiment of the demo for `modality` (experiments/demo_<modality>.py, installed as
@@ -42,7 +46,7 @@ def run_demo(out="runs/demo", modality: str = "ct", num_train: int = 20, num_tes
              config_path=None, overrides=()) -> dict:
     from medseg_jax.data.phantoms import write_demo_dataset
     from medseg_jax.evaluate import evaluate
-    from medseg_jax.io import nifti
+    from medseg_jax.io import formats
     from medseg_jax.predict import predict
     from medseg_jax.train.loop import train
 
@@ -68,10 +72,10 @@ def run_demo(out="runs/demo", modality: str = "ct", num_train: int = 20, num_tes
     log.info("[4/4] evaluating against %s", data_dir / "labelsTs")
     evaluation = evaluate(out / "predictions", data_dir / "labelsTs", out / "evaluation")
 
-    first = sorted((data_dir / "imagesTs").glob("*.nii.gz"))[0]
-    image, geometry = nifti.read_image(first)
-    reference, _ = nifti.read_label(data_dir / "labelsTs" / first.name)
-    prediction, _ = nifti.read_label(out / "predictions" / first.name)
+    first = sorted(p for p in (data_dir / "imagesTs").iterdir() if formats.ending_of(p))[0]
+    image, geometry = formats.read_image(first)
+    reference, _ = formats.read_label(data_dir / "labelsTs" / first.name)
+    prediction, _ = formats.read_label(out / "predictions" / first.name)
     label_names = {int(k): v for k, v in evaluation["labels"].items()}
     viz.overlay_png(image[..., 0], reference, prediction, out / "overlay.png", label_names,
                     title=f"{first.name}: scan, reference and prediction", spacing=geometry.spacing)

@@ -549,13 +549,15 @@ def predict(run_dir=(), input_path=None, output_dir=None, *, overwrite: bool = F
         return str(target)
 
     written = []
+    # 2D pictures carry no pixel size: they are read at the one the training pictures had (dataset.json spacing_2d)
+    spacing_2d = predictor.plans.get("spacing_2d")
     with concurrent.futures.ThreadPoolExecutor(1) as reader, concurrent.futures.ThreadPoolExecutor(1) as writer:
-        reads = [reader.submit(formats.read_images, paths) for _, paths in todo[:1]]
+        reads = [reader.submit(formats.read_images, paths, spacing_2d) for _, paths in todo[:1]]
         pending_write = None
         for index, (case_id, paths) in enumerate(tqdm(todo, desc="predicting", unit="case")):
             image, geometry = reads[index].result()
             if index + 1 < len(todo):
-                reads.append(reader.submit(formats.read_images, todo[index + 1][1]))
+                reads.append(reader.submit(formats.read_images, todo[index + 1][1], spacing_2d))
             reads[index] = None  # (the image is ours now; let the reader's copy go)
             statistics = (uncertainty.ViewStatistics(independent=bool(predictor.regions))
                           if qc or pre_annotations else None)

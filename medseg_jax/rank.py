@@ -66,7 +66,7 @@ def rank(run_dirs: Sequence[str | Path] = (), input_path=None, out_dir=None, *, 
 
     rows, shown = [], {}
     for case_id, paths in tqdm(todo, desc="ranking", unit="case"):
-        image, geometry = formats.read_images(paths)
+        image, geometry = formats.read_images(paths, first.plans.get("spacing_2d"))
         statistics = uncertainty.ViewStatistics(independent=bool(first.regions))
         for member, flips in members:
             for view_labels, probabilities in member.views_on_scan(image, geometry, flips):

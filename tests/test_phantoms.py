@@ -281,3 +281,15 @@ def test_a_dataset_written_with_a_profile_says_so_and_matches_generate_case(tmp_
     written = nib.load(out / "imagesTr" / "ct_000.nii.gz")
     expected = phantoms.generate_case("ct", phantoms.case_seed(3, 0), "low-dose")[0]
     assert np.array_equal(np.asarray(written.dataobj), expected)
+
+
+def test_us2d_frames_are_8_bit_b_mode_pictures_with_every_structure():
+    picture, label, spacing = phantoms.generate_frame(7)
+    again = phantoms.generate_frame(7)
+    assert np.array_equal(picture, again[0]) and np.array_equal(label, again[1])
+    assert not np.array_equal(picture, phantoms.generate_frame(8)[0])
+    assert picture.dtype == np.uint8 and picture.shape == label.shape and picture.ndim == 2
+    assert spacing == (phantoms.FRAME_SPACING_MM,) * 2
+    assert set(np.unique(label)) == {0, 1, 2, 3}  # the frame through the slice that shows all three structures
+    # the probe at the top: the first rows (near field, above the liver) hold no organ
+    assert not label[:3].any()

@@ -33,19 +33,22 @@ from scipy.spatial.transform import Rotation
 from medseg_jax.errors import MedsegError
 from medseg_jax.fileio import atomic_dir, write_json
 
-MODALITIES = ("ct", "mri", "us")
+MODALITIES = ("ct", "mri", "us")  # volumes (generate_case)
+FRAME_MODALITIES = ("us2d",)  # 2D pictures (generate_frame), for write_demo_dataset
 
 LABELS: dict[str, dict[int, str]] = {
     "ct": {0: "background", 1: "liver", 2: "spleen", 3: "kidney", 4: "aorta"},
     "mri": {0: "background", 1: "white_matter", 2: "grey_matter", 3: "ventricles", 4: "lesion"},
     "us": {0: "background", 1: "liver", 2: "gallbladder", 3: "portal_vein"},
+    "us2d": {0: "background", 1: "liver", 2: "gallbladder", 3: "portal_vein"},
 }
 
-_MODALITY_NAMES = {"ct": "CT", "mri": "MRI", "us": "US"}
+_MODALITY_NAMES = {"ct": "CT", "mri": "MRI", "us": "US", "us2d": "US"}
 _DESCRIPTIONS = {
     "ct": "contrast-enhanced abdominal CT in Hounsfield units",
     "mri": "T1-weighted head MRI in arbitrary units with bias field and Rician noise",
     "us": "3D abdominal ultrasound (B-mode, log-compressed, roughly 0..1) with speckle and acoustic shadows",
+    "us2d": "2D abdominal ultrasound frames (B-mode, 8-bit PNG, probe at the top) with speckle and acoustic shadows",
 }
 
 # Stored voxel orders are chosen per case; RAS and LPS (the DICOM order) are the common ones in practice.
@@ -139,6 +142,31 @@ def generate_case(modality: str, seed: int, scanner: str = "reference") -> tuple
             affine.astype(np.float64))
 
 
+FRAME_SPACING_MM = 2.5  # the 2D frames' pixel size (lateral and depth)
+
+
+def generate_frame(seed: int, scanner: str = "reference") -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
+    """One 2D B-mode frame: (8-bit picture (rows = depth, columns = lateral), label uint8 of the same shape, (lateral,
+    depth) mm per pixel). The frame is the plane of a 3D ultrasound phantom's beam (x lateral, y depth) through the
+    slice that shows every structure best (the most classes, then the largest smallest one), the probe at the top."""
+    _check_integer("phantom seed", seed, minimum=0)
+    profile = scanner_profile("us", scanner)
+    anatomy_seed, _, scanner_seed = np.random.SeedSequence(int(seed)).spawn(3)
+    ras_image, ras_label, grid = _build_us(np.random.default_rng(anatomy_seed))
+    if profile != SCANNERS["us"]["reference"]:
+        ras_image = _render_with(profile, "us", ras_image, grid, np.random.default_rng(scanner_seed))
+    counts = np.stack([(ras_label == c).sum(axis=(0, 1)) for c in range(1, len(LABELS["us"]))], axis=1)
+    best = max(range(counts.shape[0]), key=lambda z: ((counts[z] > 0).sum(), counts[z].min(), counts[z].sum()))
+    # RAS y grows towards the probe (anterior): rows from the probe down are y descending
+    frame, frame_label = ras_image[:, ::-1, best].T, ras_label[:, ::-1, best].T
+    # every frame on one pixel grid (the phantoms' in-plane spacing varies), as one probe setting gives
+    zoom = (grid.spacing[1] / FRAME_SPACING_MM, grid.spacing[0] / FRAME_SPACING_MM)
+    frame = ndimage.zoom(frame, zoom, order=1, mode="nearest", grid_mode=True)
+    frame_label = ndimage.zoom(frame_label, zoom, order=0, mode="nearest", grid_mode=True)
+    picture = np.round(255 * np.clip(frame, 0.0, 1.0)).astype(np.uint8)
+    return picture, frame_label.astype(np.uint8), (FRAME_SPACING_MM, FRAME_SPACING_MM)
+
+
 def scanner_profile(modality: str, scanner: str) -> Scanner:
     """The profile `scanner` of `modality`'s phantoms; an unknown name is a one-line error listing the known ones."""
     _check_modality(modality)
@@ -158,7 +186,9 @@ def write_demo_dataset(out_dir, modality: str = "ct", num_train: int = 20, num_t
     follow as images only (imagesUnlabelled/, dataset.json's "unlabelled" list), for pretraining. Every case is
     rendered with the `scanner` profile (`SCANNERS`).
     """
-    profile = scanner_profile(modality, scanner)
+    if modality not in FRAME_MODALITIES:
+        _check_modality(modality)
+    profile = scanner_profile("us" if modality == "us2d" else modality, scanner)
     _check_integer("num_train", num_train, minimum=1)
     _check_integer("num_test", num_test, minimum=0)
     _check_integer("num_unlabelled", num_unlabelled, minimum=0)
@@ -176,17 +206,22 @@ def write_demo_dataset(out_dir, modality: str = "ct", num_train: int = 20, num_t
     with atomic_dir(out_dir) as tmp:
         for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs") + (("imagesUnlabelled",) if num_unlabelled else ()):
             (tmp / sub).mkdir()
+        spacing_2d = None
         for case_index in range(num_train + num_test + num_unlabelled):
-            image, label, affine = generate_case(modality, case_seed(seed, case_index), scanner)
-            file_name = f"{prefix}_{case_index:03d}.nii.gz"
+            if modality == "us2d":  # PNG frames (pictures carry no spacing: dataset.json's spacing_2d does)
+                image, label, spacing_2d = generate_frame(case_seed(seed, case_index), scanner)
+                affine, file_name = None, f"{prefix}_{case_index:03d}.png"
+            else:
+                image, label, affine = generate_case(modality, case_seed(seed, case_index), scanner)
+                file_name = f"{prefix}_{case_index:03d}.nii.gz"
             if case_index >= num_train + num_test:
-                _save_nifti(image, affine, tmp / "imagesUnlabelled" / file_name)
+                _save_file(image, affine, tmp / "imagesUnlabelled" / file_name)
                 unlabelled.append(f"./imagesUnlabelled/{file_name}")
                 continue
             is_test = case_index >= num_train
             image_dir, label_dir = ("imagesTs", "labelsTs") if is_test else ("imagesTr", "labelsTr")
-            _save_nifti(image, affine, tmp / image_dir / file_name)
-            _save_nifti(label, affine, tmp / label_dir / file_name)
+            _save_file(image, affine, tmp / image_dir / file_name)
+            _save_file(label, affine, tmp / label_dir / file_name)
             if is_test:
                 test.append(f"./imagesTs/{file_name}")
             else:
@@ -199,13 +234,14 @@ def write_demo_dataset(out_dir, modality: str = "ct", num_train: int = 20, num_t
                            + (f", scanner profile {scanner}: {profile.description}" if scanner != "reference" else "")
                            + "); not patient data.",
             "reference": "medseg_jax.data.phantoms",
-            "tensorImageSize": "3D",
+            "tensorImageSize": "2D" if modality == "us2d" else "3D",
             "modality": {"0": channel},
             "channel_names": {"0": channel},
             "labels": {str(value): name for value, name in LABELS[modality].items()},
             "numTraining": int(num_train),
             "numTest": int(num_test),
-            "file_ending": ".nii.gz",
+            "file_ending": ".png" if modality == "us2d" else ".nii.gz",
+            **({"spacing_2d": list(spacing_2d)} if spacing_2d else {}),
             "training": training,
             "test": test,
             **({"unlabelled": unlabelled} if unlabelled else {}),
@@ -991,6 +1027,16 @@ def _save_nifti(array, affine, path: Path) -> None:
     image.set_sform(affine, code=1)
     image.header.set_xyzt_units("mm")
     nib.save(image, os.fspath(path))
+
+
+def _save_file(array, affine, path: Path) -> None:
+    """A NIfTI volume, or without an affine an 8-bit PNG picture."""
+    if affine is not None:
+        _save_nifti(array, affine, path)
+        return
+    from PIL import Image
+
+    Image.fromarray(np.asarray(array, np.uint8)).save(os.fspath(path))
 
 
 def _check_modality(modality) -> None:

@@ -306,6 +306,9 @@ def _prepare(source: Path, out: Path, data_config, skip_bad: bool, workers: int,
             plan = borrowed[0]
         else:
             plan = fp.make_plan(fingerprint, spec.labels, spec.channel_names, spec.modality, data_config)
+        spacing_2d = {c.spacing_2d for c in cases} - {None}
+        if spacing_2d:  # what 2D pictures to predict are read at (they carry no pixel size of their own)
+            plan["spacing_2d"] = list(spacing_2d.pop())
         if spec.regions:  # region-based labels: training learns these (loss.regions), prediction paints them back
             plan["regions"] = [list(region) for region in spec.regions]
         if unlabelled:
