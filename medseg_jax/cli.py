@@ -617,7 +617,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo", help="output folder (an existing one is moved aside, not overwritten)")
     p.add_argument("--modality", choices=["ct", "mri", "us", "us2d"], default="ct",
                    help="phantoms to train on; each has its own packaged experiment, experiments/demo_<modality>.py")
-    p.add_argument("--cases", type=int, help="training phantoms (default 20; us2d: 100 frames)")
+    p.add_argument("--cases", type=int, help="training phantoms (default 20; us2d: 200 frames)")
     p.add_argument("--test-cases", type=int, help="test phantoms, predicted and evaluated at the end (default 5; "
                                                    "us2d: 20 frames)")
     p.add_argument("--seed", type=int, default=0, help="seed of the phantoms (training has config.seed)")

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 # (training, test) phantoms per modality where they differ from 20 and 5: 2D frames are cheap, and a frame shows less
 # of each structure than a volume does
-DEMO_CASES = {"us2d": (100, 20)}
+DEMO_CASES = {"us2d": (200, 20)}
 
 
 def demo_config_path(modality: str) -> Path:

@@ -28,6 +28,7 @@ def test_mri_demo_runs_with_its_own_experiment(tmp_path, capsys):
         assert (out / name).is_file(), name
 
 
+@pytest.mark.slow  # about 10 s (each frame is cut from a 3D phantom; a training, predictions): make test-all
 def test_us2d_demo_trains_a_2d_network_on_png_frames(tmp_path):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--modality", "us2d", "--cases", "4", "--test-cases", "2",
