@@ -386,15 +386,23 @@ def test_slurm_settings_reach_the_sbatch_script(tmp_path, monkeypatch):
         assert line in script, script
 
 
-@pytest.mark.parametrize("name", ["demo_ablation", "msd_liver_architectures"])
+@pytest.mark.parametrize("name", ["demo_ablation", "msd_liver_architectures", "us_2d_vs_3d"])
 def test_the_shipped_sweeps_build_every_trial(name):
+    from medseg_jax.parallel.mesh import make_mesh_layout
     from medseg_jax.sweep.runner import find_sweep_file, load_sweep, trial_configs
+    from medseg_jax.train.experiment import build_experiment
 
     path = find_sweep_file(name)  # found by name, as `medseg sweep NAME` does
     sweep = load_sweep(path)
     configs = trial_configs(sweep, path, [])
     assert set(configs) == set(sweep.trials) and sweep.baseline in configs
     assert len({json.dumps(c.to_dict(), sort_keys=True, default=str) for c in configs.values()}) == len(configs)
+    if name == "us_2d_vs_3d":  # one sweep, two dimensions: each trial builds its own network and step
+        for trial, dims in (("2d", 2), ("3d", 3)):
+            config = configs[trial]
+            experiment = build_experiment(config, 4, 1, make_mesh_layout(None, spatial_dims=dims))
+            assert experiment.batch_shapes["image"][1:-1] == experiment.augment.input_size
+            assert len(experiment.augment.input_size) == dims
 
 
 def test_a_damaged_manifest_is_one_line(tmp_path):

@@ -15,8 +15,8 @@ from collections.abc import Callable
 
 import ml_collections
 
-from medseg_jax.data.splits import parse_fold
 from medseg_jax.augment.masking import check_block
+from medseg_jax.data.splits import parse_fold
 from medseg_jax.errors import MedsegError
 
 
@@ -161,7 +161,7 @@ def check(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         if value is _MISSING or (key == "model.features" and value is None):
             continue
         rule(key, value)
-    spacing = _lookup(config, "data.target_spacing")
+    patch, spacing = _lookup(config, "train.patch_size"), _lookup(config, "data.target_spacing")
     if spacing is not _MISSING and spacing and len(spacing) != 3:
         # the store holds volumes whatever the patch: a 2D picture is one slice, a 2D patch one slice of a volume
         raise _fail("data.target_spacing", tuple(spacing), "must have three values (x, y, z) in mm, also for 2D "
