@@ -28,18 +28,23 @@ from medseg_jax.io import datasets, formats, nifti
 from medseg_jax.metrics import report
 
 
-def _find_label_names(ref_dir: Path, dataset_json: str | Path | None) -> dict[int, str] | None:
+def _find_dataset_json(ref_dir: Path, dataset_json: str | Path | None) -> tuple[Path, dict] | None:
+    """(path, content) of the dataset.json given, or beside or above the references; None without one."""
     candidates = [Path(dataset_json)] if dataset_json else [ref_dir / "dataset.json", ref_dir.parent / "dataset.json"]
     for path in candidates:
         if path.is_file():
             try:
-                labels = json.loads(path.read_text()).get("labels")
+                return path, json.loads(path.read_text())
             except json.JSONDecodeError as exc:
                 raise MedsegError(f"{path}: not valid JSON ({exc})") from None
-            return datasets.parse_labels(path, labels)
         if dataset_json:
             raise MedsegError(f"{path}: dataset.json not found")
     return None
+
+
+def _find_label_names(ref_dir: Path, dataset_json: str | Path | None) -> dict[int, str] | None:
+    found = _find_dataset_json(ref_dir, dataset_json)
+    return None if found is None else datasets.parse_labels(found[0], found[1].get("labels"))
 
 
 def _nifti_files(folder: Path, role: str) -> dict[str, Path]:
@@ -66,10 +71,11 @@ def _evaluate_one(task) -> tuple[list[dict], str | None]:
     """Reads one (prediction, reference) pair and scores it; returns (rows, problem). Runs in worker processes."""
     from medseg_jax.metrics import evaluate_case
 
-    prediction, pred_path, ref_path, names, classes, tolerance_mm, surface = task
+    prediction, pred_path, ref_path, names, classes, tolerance_mm, surface, *spacing_2d = task
+    spacing_2d = spacing_2d[0] if spacing_2d else None  # mm per pixel of 2D pictures (dataset.json's spacing_2d)
     try:
-        ref, ref_geometry = formats.read_label(ref_path)
-        pred, pred_geometry = formats.read_label(pred_path)
+        ref, ref_geometry = formats.read_label(ref_path, spacing_2d)
+        pred, pred_geometry = formats.read_label(pred_path, spacing_2d)
         # Prediction and reference must share one grid, so comparing their canonical arrays compares the files.
         nifti.check_same_grid(ref_geometry, pred_geometry, ref_path, pred_path)
         if names is not None:
@@ -138,7 +144,10 @@ def evaluate(pred_dirs, ref_dir, out_dir, *, dataset_json=None, overwrite: bool 
                               f"({len(extra)} extra)")
     names = _find_label_names(ref_dir, dataset_json)
     classes = [c for c in sorted(names) if c != 0] if names else None
-    tasks = [(labels_of[d], d / name, refs[name], names, classes, float(tolerance_mm), surface)
+    found = _find_dataset_json(ref_dir, dataset_json)
+    # distances of 2D pictures in mm, as the dataset gives their pixel size (else pixels)
+    spacing_2d = datasets.parse_spacing_2d(found[0], found[1].get("spacing_2d")) if found else None
+    tasks = [(labels_of[d], d / name, refs[name], names, classes, float(tolerance_mm), surface, spacing_2d)
              for d in pred_dirs for name in sorted(refs)]
 
     rows = score_files(tasks, workers)

@@ -126,3 +126,20 @@ def test_a_bad_picture_is_refused_in_one_line_and_nothing_is_written(tmp_path, b
     assert len(failure.value.report) == 1 and "pic_001" in failure.value.report[0], failure.value.report
     assert words in str(failure.value), str(failure.value)
     assert "\n" not in str(failure.value) and not (tmp_path / "store").exists()
+
+
+def test_evaluate_measures_pictures_in_mm_with_the_datasets_pixel_size(tmp_path):
+    from medseg_jax.evaluate import evaluate
+
+    (tmp_path / "ref").mkdir()
+    (tmp_path / "pred").mkdir()
+    label = make_picture(3)[1]
+    shifted = np.roll(label, 2, axis=1)  # 2 pixels to the right: 2 x 0.5 mm
+    Image.fromarray(label).save(tmp_path / "ref" / "pic.png")
+    Image.fromarray(shifted).save(tmp_path / "pred" / "pic.png")
+    (tmp_path / "dataset.json").write_text(json.dumps({"labels": LABELS, "spacing_2d": [0.5, 3.0]}))
+    evaluate(tmp_path / "pred", tmp_path / "ref", tmp_path / "eval")
+    with open(tmp_path / "eval" / "per_case.csv") as f:
+        disc = next(row for row in csv.DictReader(f) if row["name"] == "disc")
+    assert float(disc["ref_volume_mm3"]) == pytest.approx(int((label == 1).sum()) * 0.5 * 3.0)
+    assert float(disc["hd"]) == pytest.approx(1.0)  # 2 columns of 0.5 mm

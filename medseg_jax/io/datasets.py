@@ -420,7 +420,7 @@ def _check_unique(json_path: Path, cases: tuple[Case, ...], split: str,
     return tuple(case for case in cases if case.case_id not in duplicates)
 
 
-def _parse_spacing_2d(json_path: Path, raw: Any) -> tuple[float, float] | None:
+def parse_spacing_2d(json_path: Path, raw: Any) -> tuple[float, float] | None:
     """dataset.json's optional "spacing_2d": [x, y] mm per pixel of 2D pictures (which carry none themselves)."""
     if raw is None:
         return None
@@ -495,7 +495,7 @@ def load_dataset(root: str | os.PathLike, problems: list[Problem] | None = None,
         if expected is not None and expected != len(training) and problems is None:
             raise MedsegError(f"{json_path}: numTraining is {expected} but {root / 'imagesTr'} holds {len(training)} "
                               "cases")
-    spacing_2d = _parse_spacing_2d(json_path, data.get("spacing_2d"))
+    spacing_2d = parse_spacing_2d(json_path, data.get("spacing_2d"))
     if spacing_2d is not None:
         training, test, unlabelled = (tuple(dataclasses.replace(c, spacing_2d=spacing_2d) for c in group)
                                       for group in (training, test, unlabelled))
