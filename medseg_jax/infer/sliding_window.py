@@ -55,7 +55,7 @@ def sliding_window_inference(predict_fn: Callable[[np.ndarray], np.ndarray], vol
     patch_size = tuple(int(p) for p in patch_size)
     if len(patch_size) == 2:
         planar_fn = predict_fn
-        predict_fn = lambda windows: planar_fn(windows[:, :, :, 0])[:, :, :, None]  # noqa: E731
+        predict_fn = lambda windows: planar_fn(windows[:, :, :, 0])[:, :, :, None]
         patch_size = (*patch_size, 1)
     spatial = volume.shape[:-1]
     pad = [(max(p - s, 0) // 2, max(p - s, 0) - max(p - s, 0) // 2) for s, p in zip(spatial, patch_size)]
