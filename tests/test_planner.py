@@ -55,6 +55,21 @@ def test_plan_shrinks_the_patch_to_the_budget_and_fills_the_batch():
     assert calls[0][0] == (224, 224, 64)  # nnU-Net's initial patch, rounded up to the topology
 
 
+def test_pictures_and_2d_experiments_are_planned_in_2d():
+    measure, calls = fake_memory(gb_per_megavoxel=0.5)
+    pictures = dict(PLANS, target_spacing=[0.5, 0.5, 1.0], median_shape_after_resampling=[600, 480, 1])
+    config, report = planner.plan_experiment(base_config("plain_unet"), pictures, num_cases=200, budget_gb=4.0,
+                                             measure=measure)
+    assert len(config.train.patch_size) == 2 and all(len(s) == 2 for s in config.model.strides)
+    assert report["kernel_sizes"][0] == [3, 3]  # not (1, 1, 3): a picture has no depth to convolve along
+    first = calls[0][0]  # the picture's median size caps nnU-Net's 2048^2 start, rounded up to the topology
+    assert len(first) == 2 and 600 <= first[0] < 700 and 480 <= first[1] < 580
+    slices = base_config("plain_unet")
+    slices.train.patch_size = (64, 64)  # nnU-Net's 2d configuration of volumes
+    config, _ = planner.plan_experiment(slices, PLANS, num_cases=200, budget_gb=4.0, measure=measure)
+    assert len(config.train.patch_size) == 2
+
+
 def test_batch_covers_at_most_five_percent_of_the_dataset():
     measure, _ = fake_memory(gb_per_megavoxel=0.001)
     config, _ = planner.plan_experiment(base_config("plain_unet"), PLANS, num_cases=10, budget_gb=40.0,

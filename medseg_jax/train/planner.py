@@ -134,6 +134,11 @@ def plan_experiment(config: ml_collections.ConfigDict, plans: dict, num_cases: i
     budget = float(budget_gb) * GB
     spacing = [float(s) for s in plans["target_spacing"]]
     median = [int(s) for s in plans.get("median_shape_after_resampling") or []]
+    # 2D pictures (stored one slice deep), or an experiment with a 2D patch (nnU-Net's 2d configuration): plan over x
+    # and y, from nnU-Net's 2D starting area of 2048^2 pixels
+    planar = len(config.train.patch_size) == 2 or (len(median) == 3 and median[2] == 1)
+    if planar:
+        spacing, median = spacing[:2], median[:2]
     num_classes, in_channels = len(plans["labels"]), len(plans["normalization"])
     if base_features is None:  # the experiment's first-stage width (nnU-Net: 32), doubled per stage up to 320
         features = config.model.get("features")
@@ -168,7 +173,7 @@ def plan_experiment(config: ml_collections.ConfigDict, plans: dict, num_cases: i
         say(f"  {used / GB:.2f} GB")
         return used
 
-    patch = initial_patch(spacing, median)
+    patch = initial_patch(spacing, median, 2048 ** 2 if planar else 256 ** 3)
     used = measured(patch, min_batch)
     # memory is linear in the batch: fixed part (params, optimizer state) + per-sample part (activations, which scale
     # with the patch's voxels); two compiles at the first patch give both
