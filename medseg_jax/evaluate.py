@@ -42,16 +42,11 @@ def _find_dataset_json(ref_dir: Path, dataset_json: str | Path | None) -> tuple[
     return None
 
 
-def _find_label_names(ref_dir: Path, dataset_json: str | Path | None) -> dict[int, str] | None:
-    found = _find_dataset_json(ref_dir, dataset_json)
-    return None if found is None else datasets.parse_labels(found[0], found[1].get("labels"))
-
-
-def _nifti_files(folder: Path, role: str) -> dict[str, Path]:
+def _image_files(folder: Path, role: str) -> dict[str, Path]:
     if not folder.is_dir():
         raise MedsegError(f"{folder}: {role} folder not found")
     files = {p.name: p for p in sorted(folder.iterdir())
-             if formats.ending_of(p.name) not in (None, ".raw") and not p.name.startswith(".") and p.is_file()}
+             if formats.ending_of(p.name) is not None and not p.name.startswith(".") and p.is_file()}
     if not files:
         raise MedsegError(f"{folder}: no .nii/.nii.gz files (nor {', '.join(formats.ENDINGS[2:])}) in the {role} "
                           "folder")
@@ -129,12 +124,12 @@ def evaluate(pred_dirs, ref_dir, out_dir, *, dataset_json=None, overwrite: bool 
     existing = [p for p in outputs if p.exists()]
     if existing and not overwrite:
         raise MedsegError(f"{existing[0]}: already exists; pass --overwrite or choose another --out")
-    refs = _nifti_files(ref_dir, "reference")
+    refs = _image_files(ref_dir, "reference")
     labels_of = {}
     for index, pred_dir in enumerate(pred_dirs):
         label = pred_dir.name or str(pred_dir)
         labels_of[pred_dir] = label if label not in labels_of.values() else f"{label}#{index + 1}"
-        preds = _nifti_files(pred_dir, "prediction")
+        preds = _image_files(pred_dir, "prediction")
         missing, extra = sorted(set(refs) - set(preds)), sorted(set(preds) - set(refs))
         if missing:
             raise MedsegError(f"{ref_dir / missing[0]}: no prediction for this reference in {pred_dir} "
@@ -142,9 +137,9 @@ def evaluate(pred_dirs, ref_dir, out_dir, *, dataset_json=None, overwrite: bool 
         if extra:
             raise MedsegError(f"{pred_dir / extra[0]}: no reference for this prediction in {ref_dir} "
                               f"({len(extra)} extra)")
-    names = _find_label_names(ref_dir, dataset_json)
-    classes = [c for c in sorted(names) if c != 0] if names else None
     found = _find_dataset_json(ref_dir, dataset_json)
+    names = datasets.parse_labels(found[0], found[1].get("labels")) if found else None
+    classes = [c for c in sorted(names) if c != 0] if names else None
     # distances of 2D pictures in mm, as the dataset gives their pixel size (else pixels)
     spacing_2d = datasets.parse_spacing_2d(found[0], found[1].get("spacing_2d")) if found else None
     tasks = [(labels_of[d], d / name, refs[name], names, classes, float(tolerance_mm), surface, spacing_2d)

@@ -55,10 +55,8 @@ OUTPUT_FORMATS = ("nifti", "dicom-seg")
 def output_name(case_id: str, paths, output_format: str = "nifti") -> str:
     if output_format == "dicom-seg":
         return case_id + ".dcm"
-    if Path(paths[0]).is_dir():  # a DICOM series: the prediction is NIfTI in the series' geometry
-        return case_id + ".nii.gz"
     # CASE + the input's own ending, as nnU-Net names predictions (scan_0000.png -> scan.png, matching labelsTs/);
-    # a JPEG's labels go to PNG, which keeps them
+    # a JPEG's labels go to PNG, which keeps them; a DICOM series' to NIfTI in the series' geometry
     return formats.prediction_path(paths[0], Path("."), case_id).name
 
 

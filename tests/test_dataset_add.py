@@ -191,3 +191,31 @@ def test_corrected_pre_annotations_go_back_through_images_and_labels_folders(sto
     assert np.array_equal(added.read_case("scan_30")[1], pre_label)
     both = medseg("dataset", "add", "--store", store, "--source", scans, "--images", scans)
     assert both.returncode == 2 and "either --source" in both.stderr
+
+
+def test_pictures_are_added_in_their_own_format_at_the_stores_pixel_size(tmp_path):
+    """A store of PNG pictures (dataset.json spacing_2d 0.5 mm) takes corrected PNGs from a plain folder: copied as
+    PNG, read at the store's pixel size, so they preprocess like the pictures it was prepared from."""
+    from PIL import Image
+
+    from tests.test_2d import make_picture, write_png_dataset
+
+    dataset = write_png_dataset(tmp_path / "ds", n_train=3, n_test=0)
+    spec = json.loads((dataset / "dataset.json").read_text())
+    (dataset / "dataset.json").write_text(json.dumps(dict(spec, spacing_2d=[0.5, 0.5])))
+    prepare(dataset, tmp_path / "store", data_config(target_spacing=(1.0, 1.0, 1.0)))
+    source = tmp_path / "corrected"
+    (source / "imagesTr").mkdir(parents=True)
+    (source / "labelsTr").mkdir()
+    image, label = make_picture(9)
+    Image.fromarray(image).save(source / "imagesTr" / "new_0000.png")
+    Image.fromarray(label).save(source / "labelsTr" / "new.png")
+    add_lib.add_cases(tmp_path / "store", source)
+    store = Store(tmp_path / "store")
+    assert [Path(p).suffix for p in store.cases["new"]["source"]["images"]] == [".png"]
+    pre = preprocess.preprocess_case(image.T[:, :, None, None].astype(np.float32), (0.5, 0.5, 1.0), store.plan,
+                                     label.T[:, :, None])
+    stored_image, stored_label = store.read_case("new")
+    assert stored_label.shape == pre.label.shape == (24, 20, 1)  # 48 x 40 pixels of 0.5 mm on a 1 mm grid
+    assert np.array_equal(stored_label, pre.label)
+    np.testing.assert_allclose(stored_image, pre.image, atol=1e-6)

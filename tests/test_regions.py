@@ -59,3 +59,15 @@ def test_a_region_labelled_dataset_prepares_and_trains_on_its_regions(tmp_path):
     predict(tmp_path / "run", dataset / "imagesTs", tmp_path / "pred", checkpoint="latest")
     predicted = np.asarray(nib.load(tmp_path / "pred" / "tiny_003.nii.gz").dataobj)
     assert set(np.unique(predicted)) <= {0, 1, 2}
+
+
+def test_every_command_that_builds_a_step_takes_the_datasets_regions():
+    from medseg_jax.train.experiment import apply_dataset_regions
+
+    plan = {"regions": [[1, 2], [2]]}
+    config = tiny_config()
+    assert apply_dataset_regions(config, plan).loss.regions == ((1, 2), (2,))
+    own = tiny_config()
+    own.loss.regions = ((2,),)
+    assert apply_dataset_regions(own, plan).loss.regions == ((2,),)  # the experiment's own regions win
+    assert not apply_dataset_regions(tiny_config(), {}).loss.get("regions")

@@ -71,42 +71,46 @@ def _params(config) -> tuple[SpatialParams, IntensityParams, ArtifactParams]:
 class Pipeline:
     def __init__(self, spatial: SpatialParams, intensity: IntensityParams, patch_size: Sequence[int],
                  num_classes: int | None = None, max_margin: float = 1.5, artifacts: ArtifactParams | None = None):
+        self.patch_size = tuple(int(p) for p in patch_size)
         # A 2D patch is augmented as the (X, Y, 1) volume it is lifted to, in its plane only (`SpatialParams.planar`)
-        self.planar = len(tuple(patch_size)) == 2
+        self.planar = len(self.patch_size) == 2
         spatial = dataclasses.replace(spatial, planar=True) if self.planar else spatial
         self.spatial, self.intensity = spatial, intensity
         self.artifacts = artifacts or ArtifactParams()
-        self.patch_size = tuple(int(p) for p in patch_size) + ((1,) if self.planar else ())
         self.num_classes = num_classes
         self.has_spatial = any(p > 0 for p in (spatial.p_rotation, spatial.p_scaling, spatial.p_elastic,
                                                spatial.p_mirror))
         if spatial.label_interpolation not in ("nearest", "linear"):
             raise MedsegError(f"config key 'augment.label_interpolation': '{spatial.label_interpolation}' is not "
                               "nearest or linear")
-        size = self.patch_size
+        size = self.volume_patch
         if spatial.p_rotation > 0 or spatial.p_scaling > 0:
-            extent = rotated_extent(self.patch_size, spatial.rotation_degrees if spatial.p_rotation > 0 else 0.0,
+            extent = rotated_extent(self.volume_patch, spatial.rotation_degrees if spatial.p_rotation > 0 else 0.0,
                                     spatial.scaling[0] if spatial.p_scaling > 0 else 1.0, planar=self.planar)
             # Capped (corners beyond the margin are filled with 0, as outside the volume), and with the patch's
             # parity so the zero-strength transform is an exact centre crop.
-            size = tuple(min(e, int(max_margin * p)) for e, p in zip(extent, self.patch_size))
-            size = tuple(s + ((s - p) % 2) for s, p in zip(size, self.patch_size))
-        if self.planar:  # the loader reads a slice: z is 1 whatever the zoom
-            size, self.patch_size = size[:2], self.patch_size[:2]
-        self.input_size = size
+            size = tuple(min(e, int(max_margin * p)) for e, p in zip(extent, self.volume_patch))
+            size = tuple(s + ((s - p) % 2) for s, p in zip(size, self.volume_patch))
+        self.input_size = size[:len(self.patch_size)]  # (2D: the loader reads a slice, z is 1 whatever the zoom)
+
+    @property
+    def volume_patch(self) -> tuple[int, ...]:
+        """The patch as the volume the transforms work on: a 2D patch lifted to (X, Y, 1)."""
+        return (*self.patch_size, 1) if self.planar else self.patch_size
 
     def __call__(self, key: jax.Array, image: jax.Array, label: jax.Array):
         if self.planar:
-            image, label = self._transform(key, image[:, :, None], label[:, :, None], (*self.patch_size, 1))
+            image, label = self._transform(key, image[:, :, None], label[:, :, None])
             return image[:, :, 0], label[:, :, 0]
-        return self._transform(key, image, label, self.patch_size)
+        return self._transform(key, image, label)
 
-    def _transform(self, key: jax.Array, image: jax.Array, label: jax.Array, patch_size: tuple[int, ...]):
+    def _transform(self, key: jax.Array, image: jax.Array, label: jax.Array):
         k_spatial, k_artifacts, k_intensity = jax.random.split(key, 3)
         if self.has_spatial:
-            image, label = spatial_transform(k_spatial, image, label, patch_size, self.spatial, self.num_classes)
+            image, label = spatial_transform(k_spatial, image, label, self.volume_patch, self.spatial,
+                                             self.num_classes)
         else:
-            image, label = center_crop(image, label, patch_size)
+            image, label = center_crop(image, label, self.volume_patch)
         image = artifact_transform(k_artifacts, image, self.artifacts)
         return intensity_transform(k_intensity, image, self.intensity), label
 

@@ -18,8 +18,8 @@ resumes, or is repeated, on the cases it had.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
-import json
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,14 +29,21 @@ from medseg_jax.data import store as store_lib
 from medseg_jax.data.cases import SEG_NRRD, read_segmentation
 from medseg_jax.data.prepare import ValidationFailed, map_cases, prepare_case, report_tsv, validate_case
 from medseg_jax.errors import MedsegError
-from medseg_jax.io import datasets, nifti
+from medseg_jax.io import datasets, formats
 from medseg_jax.io.datasets import Case, Problem
 
-LABEL_ENDINGS = (".nii.gz", ".nii", SEG_NRRD)
+# a label map in any format the store's datasets may use, or a Slicer segmentation (JPEG: refused when read)
+LABEL_ENDINGS = (SEG_NRRD, *formats.ENDINGS)
 
 
 def _store_labels(store: store_lib.Store) -> dict[int, str]:
     return {int(k): v for k, v in store.plan["labels"].items()}
+
+
+def _history(manifest: dict) -> list[dict]:
+    """A manifest's versions, oldest first (a store no addition has touched is version 1, made by prepare)."""
+    return list(manifest.get("history") or [{"version": 1, "cases": len(manifest["cases"]),
+                                             "made_by": "medseg prepare"}])
 
 
 def source_cases(source: Path | None, store: store_lib.Store, problems: list[Problem], images: Path | None = None,
@@ -52,13 +59,13 @@ def source_cases(source: Path | None, store: store_lib.Store, problems: list[Pro
     store_labels = _store_labels(store)
     if (source / "dataset.json").is_file():
         spec = datasets.load_dataset(source, problems=problems)
-        if {v: n for v, n in spec.labels.items()} != store_labels:
+        if spec.labels != store_labels:
             raise MedsegError(f"{source / 'dataset.json'}: labels {spec.labels} differ from store {store.root}'s "
                               f"{store_labels}")
         if len(spec.channel_names) != store.num_channels:
             raise MedsegError(f"{source / 'dataset.json'}: {len(spec.channel_names)} channel(s), store "
                               f"{store.root} has {store.num_channels}")
-        return list(spec.training)
+        return list(spec.training)  # (with dataset.json's spacing_2d, if its pictures have one)
     if not (source / "imagesTr").is_dir():
         raise MedsegError(f"{source}: no dataset.json and no imagesTr/ folder; give a dataset folder, or imagesTr/ "
                           "(CASE_0000.nii.gz, ...) with labelsTr/ (CASE.nii.gz or CASE.seg.nrrd)")
@@ -66,7 +73,7 @@ def source_cases(source: Path | None, store: store_lib.Store, problems: list[Pro
 
 
 def folder_cases(images: Path, labels: Path, problems: list[Problem]) -> list[Case]:
-    """A folder of scans and one of their labels (CASE.nii.gz, CASE.nii or CASE.seg.nrrd)."""
+    """A folder of scans and one of their labels (CASE + an image ending, or CASE.seg.nrrd)."""
     if not Path(labels).is_dir():
         raise MedsegError(f"{labels}: labels folder not found")
     cases = []
@@ -74,7 +81,7 @@ def folder_cases(images: Path, labels: Path, problems: list[Problem]) -> list[Ca
         found = [path for path in (Path(labels) / f"{case_id}{ending}" for ending in LABEL_ENDINGS) if path.is_file()]
         if not found:
             problems.append(Problem(case_id, str(Path(labels) / f"{case_id}.nii.gz"),
-                                    f"missing label for {paths[0].name} (CASE.nii.gz, CASE.nii or CASE.seg.nrrd)"))
+                                    f"missing label for {paths[0].name} (CASE.nii.gz, CASE.seg.nrrd, CASE.png, ...)"))
         elif len(found) > 1:
             problems.append(Problem(case_id, str(found[1]), f"two labels for one case ({found[0].name} and "
                                                             f"{found[1].name}); keep one"))
@@ -83,29 +90,39 @@ def folder_cases(images: Path, labels: Path, problems: list[Problem]) -> list[Ca
     return cases
 
 
+def _copy(path: Path, target: Path) -> Path:
+    with fileio.atomic_path(target, suffix=formats.ending_of(target)) as tmp:
+        shutil.copyfile(path, tmp)
+    return target
+
+
 def _import_case(case: Case, folder: Path, label_names: dict[int, str]) -> Case:
-    """Copies a case's raw files into the store's `folder` (imagesTr/, labelsTr/); a Slicer segmentation is written
-    as a NIfTI label map on the image's grid. Returns the case as it is in the store."""
+    """Copies a case's raw files, in their own formats, into the store's `folder` (imagesTr/, labelsTr/); a Slicer
+    segmentation is written as a NIfTI label map on the image's grid. Returns the case as it is in the store (2D
+    pictures keep their pixel size)."""
     images = []
     for channel, path in enumerate(case.image_paths):
-        if path.is_dir():
-            raise MedsegError(f"{path}: a DICOM series cannot be added yet; convert it to NIfTI first")
-        ending = ".nii.gz" if path.name.endswith(".nii.gz") else ".nii"
-        target = folder / "imagesTr" / f"{case.case_id}_{channel:04d}{ending}"
-        with fileio.atomic_path(target, suffix=ending) as tmp:
-            shutil.copyfile(path, tmp)
-        images.append(target)
-    label_target = folder / "labelsTr" / f"{case.case_id}.nii.gz"
+        images.append(_copy(path, folder / "imagesTr" / f"{case.case_id}_{channel:04d}{formats.ending_of(path)}"))
     if str(case.label_path).endswith(SEG_NRRD):
+        label_target = folder / "labelsTr" / f"{case.case_id}.nii.gz"
         label, _ = read_segmentation(case.label_path, label_names)
-        _, image_geometry = nifti.read_images(tuple(images))
-        nifti.write_label(label_target, label, image_geometry)
+        _, image_geometry = formats.read_images(tuple(images), case.spacing_2d)
+        formats.write_label(label_target, label, image_geometry)
     else:
-        label_target = label_target.with_name(case.case_id + (".nii.gz" if case.label_path.name.endswith(".gz")
-                                                              else ".nii"))
-        with fileio.atomic_path(label_target, suffix="".join(label_target.suffixes)) as tmp:
-            shutil.copyfile(case.label_path, tmp)
-    return Case(case.case_id, tuple(images), label_target)
+        label_target = _copy(case.label_path,
+                              folder / "labelsTr" / f"{case.case_id}{formats.ending_of(case.label_path)}")
+    return Case(case.case_id, tuple(images), label_target, case.spacing_2d)
+
+
+def _not_copyable(case: Case) -> Problem | None:
+    """Why a case's files cannot be copied into the store as they are (found before anything is written)."""
+    for path in (*case.image_paths, case.label_path):
+        if path.is_dir():
+            return Problem(case.case_id, str(path), "a DICOM series cannot be added yet; convert it to NIfTI first")
+        if formats.ending_of(path) in (".mhd", ".nhdr"):
+            return Problem(case.case_id, str(path), "a header with a separate data file cannot be added yet; convert "
+                                                    "it to .mha or .nrrd first")
+    return None
 
 
 def _add_one(case: Case, root: Path, folder: Path, plan: dict, declared: Sequence[int], label_names: dict[int, str],
@@ -147,6 +164,9 @@ def _add(root: Path, source: Path | None, case_ids: Sequence[str] | None, replac
         raise MedsegError(f"{root}: a store of images without labels; cases are added to a labelled store")
     problems: list[Problem] = []
     cases = source_cases(source, store, problems, images, labels_dir)
+    if store.plan.get("spacing_2d"):  # pictures without a dataset.json of their own: the store's pixel size
+        spacing_2d = tuple(store.plan["spacing_2d"])
+        cases = [c if c.spacing_2d else dataclasses.replace(c, spacing_2d=spacing_2d) for c in cases]
     source = source if source is not None else images
     if case_ids:
         known = {c.case_id for c in cases} | {p.case for p in problems}
@@ -168,6 +188,7 @@ def _add(root: Path, source: Path | None, case_ids: Sequence[str] | None, replac
     declared = sorted(labels)
     results = list(map_cases(validate_case, cases, workers, "validating", (declared, store.num_channels, labels)))
     problems += [problem for _, _, problem in results if problem is not None]
+    problems += [problem for problem in map(_not_copyable, cases) if problem is not None]
     problems.sort(key=lambda p: (p.case, p.file))
     bad = {p.case for p in problems}
     good = [c for c in cases if c.case_id not in bad]
@@ -189,8 +210,7 @@ def _add(root: Path, source: Path | None, case_ids: Sequence[str] | None, replac
 
     # the commit: version N kept under versions/, then the manifest of N+1
     previous = dict(store.manifest, version=store.version)
-    history = list(previous.get("history") or [{"version": 1, "cases": len(previous["cases"]),
-                                                "made_by": "medseg prepare"}])
+    history = _history(previous)
     if not store_lib.version_path(root, store.version).is_file():
         fileio.write_json(store_lib.version_path(root, store.version), dict(previous, history=history))
     added = sorted(c.case_id for c in good if c.case_id not in store.cases)
@@ -219,9 +239,4 @@ def _add_one_item(item: tuple[Case, dict], root: Path, folder: Path, plan: dict,
 
 def history(store_path) -> list[dict]:
     """The versions of a store, oldest first: what each added or replaced."""
-    manifest = json.loads((Path(store_path) / "manifest.json").read_text()) if store_lib.is_store(
-        Path(store_path)) and (Path(store_path) / "manifest.json").is_file() else None
-    if manifest is None:
-        store_lib.Store(store_path)  # its one-line refusal
-    return list(manifest.get("history") or [{"version": 1, "cases": len(manifest["cases"]),
-                                             "made_by": "medseg prepare"}])
+    return _history(store_lib.Store(store_path).manifest)

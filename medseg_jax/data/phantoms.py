@@ -40,8 +40,8 @@ LABELS: dict[str, dict[int, str]] = {
     "ct": {0: "background", 1: "liver", 2: "spleen", 3: "kidney", 4: "aorta"},
     "mri": {0: "background", 1: "white_matter", 2: "grey_matter", 3: "ventricles", 4: "lesion"},
     "us": {0: "background", 1: "liver", 2: "gallbladder", 3: "portal_vein"},
-    "us2d": {0: "background", 1: "liver", 2: "gallbladder", 3: "portal_vein"},
 }
+LABELS["us2d"] = LABELS["us"]  # frames of the ultrasound phantoms
 
 _MODALITY_NAMES = {"ct": "CT", "mri": "MRI", "us": "US", "us2d": "US"}
 _DESCRIPTIONS = {

@@ -180,7 +180,6 @@ class Store:
                 raise MedsegError(f"{self.root}: no version {version} (this store has versions 1 to {newest})")
             self.manifest = json.loads(version_path(self.root, version).read_text())
         self.version = int(self.manifest.get("version", 1))
-        self.newest_version = newest
         self.plan = json.loads((self.root / "plans.json").read_text())
         self.cases: dict[str, dict] = {c["case_id"]: c for c in self.manifest["cases"]}
         self.case_ids = sorted(self.cases)

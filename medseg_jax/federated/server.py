@@ -26,7 +26,7 @@ from medseg_jax import fileio, runs, viz
 from medseg_jax.errors import MedsegError
 from medseg_jax.federated.site import flatten, nest
 from medseg_jax.parallel import mesh as mesh_lib
-from medseg_jax.train.experiment import build_experiment, run_keys
+from medseg_jax.train.experiment import apply_dataset_regions, build_experiment, run_keys
 from medseg_jax.train.metrics_log import MetricsLog
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ class GlobalRun:
 
     def __init__(self, workdir: str | Path, config: ml_collections.ConfigDict, plan: dict, settings: dict):
         self.run = runs.RunDir(workdir)
-        self.config, self.plan, self.settings = config, plan, settings
+        self.config, self.plan, self.settings = apply_dataset_regions(config, plan), plan, settings
         self.local_steps = int(settings["local_steps"])
         self.run.path.mkdir(parents=True, exist_ok=True)
         record = self.run.path / "federated.json"

@@ -24,7 +24,7 @@ from medseg_jax.data.splits import train_val_cases
 from medseg_jax.data.training_store import open_training_store
 from medseg_jax.errors import MedsegError
 from medseg_jax.parallel import mesh as mesh_lib
-from medseg_jax.train.experiment import build_experiment, run_keys
+from medseg_jax.train.experiment import apply_dataset_regions, build_experiment, run_keys
 from medseg_jax.train.validation import evaluate_cases, load_val_cases
 
 
@@ -85,6 +85,7 @@ class Site:
         self.train_ids, val_ids, _ = train_val_cases(config.data, self.store.case_ids)
         self.val_cases = load_val_cases(self.store, val_ids)
         self.num_classes = len(self.store.plan["labels"])
+        apply_dataset_regions(config, self.store.plan)
         self.experiment = build_experiment(config, self.num_classes, self.store.num_channels, self.layout)
         # The keys of ordinary training: params from init_key (replaced by the global ones every round), the
         # augmentation key of step s = step_key folded with s.

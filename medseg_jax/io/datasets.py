@@ -23,7 +23,6 @@ import numpy as np
 from medseg_jax.errors import MedsegError
 from medseg_jax.io import formats
 
-NIFTI_ENDINGS = (".nii.gz", ".nii")
 _CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 
@@ -48,7 +47,7 @@ class Problem:
         """Splits a MedsegError's "<file>: <problem>" message into its parts."""
         text = str(error)
         head, sep, tail = text.partition(": ")
-        if sep and ("/" in head or head.endswith(NIFTI_ENDINGS) or head == str(default_file)):
+        if sep and ("/" in head or formats.ending_of(head) is not None or head == str(default_file)):
             return cls(case, head, tail)
         return cls(case, str(default_file), text)
 
@@ -85,7 +84,7 @@ class DatasetSpec:
         return "other"
 
 
-def _strip_nifti_ending(name: str) -> str | None:
+def _strip_image_ending(name: str) -> str | None:
     """The file name without its image ending (NIfTI, MetaImage, NRRD or a 2D picture: `formats.ENDINGS`), or None
     for a file of another kind."""
     ending = formats.ending_of(name)
@@ -97,7 +96,7 @@ def _strip_nifti_ending(name: str) -> str | None:
 def case_id_from_filename(name: str | os.PathLike) -> str:
     """`liver_003_0000.nii.gz` -> `liver_003`, `liver_003.nii` -> `liver_003`: strips the ending and channel suffix."""
     name = Path(name).name
-    stem = _strip_nifti_ending(name)
+    stem = _strip_image_ending(name)
     if stem is None:
         stem = name
     match = _CHANNEL_SUFFIX.match(stem)
@@ -119,17 +118,17 @@ def list_nifti_inputs(path: str | os.PathLike) -> list[tuple[str, tuple[Path, ..
         raise MedsegError(f"{path}: not found")
     if path.is_dir() and is_dicom_series(path):
         return [(path.name, (path,))]
-    if path.is_dir() and not any(_strip_nifti_ending(f.name) for f in path.iterdir() if f.is_file()):
+    if path.is_dir() and not any(_strip_image_ending(f.name) for f in path.iterdir() if f.is_file()):
         series = sorted(d for d in path.iterdir() if d.is_dir() and not d.name.startswith(".") and is_dicom_series(d))
         if series:
             return [(d.name, (d,)) for d in series]
     if path.is_file():
-        if _strip_nifti_ending(path.name) is None:
+        if _strip_image_ending(path.name) is None:
             raise MedsegError(f"{path}: not an image file (expected one of {', '.join(formats.ENDINGS)})")
         return [(case_id_from_filename(path.name), (path,))]
     groups: dict[str, dict[int, Path]] = defaultdict(dict)
     for file in sorted(path.iterdir()):
-        stem = _strip_nifti_ending(file.name)
+        stem = _strip_image_ending(file.name)
         dangling = file.is_symlink() and not file.exists()  # listed, so that reading it reports it
         if stem is None or file.name.startswith(".") or not (file.is_file() or dangling):
             continue

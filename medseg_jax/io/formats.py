@@ -307,20 +307,24 @@ def read_image(path: str | os.PathLike, spacing_2d: Sequence[float] | None = Non
     path = Path(path)
     if ending_of(path) in NIFTI or (path.is_dir() and ending_of(path) is None):
         return nifti.read_image(path)
+    data, geometry = _read_other(path, spacing_2d, label=False)
+    return to_canonical(_finite_image(path, data), geometry), geometry
+
+
+def _read_other(path: Path, spacing_2d, label: bool) -> tuple[np.ndarray, Geometry]:
+    """An ITK file or a 2D picture in file order, and its geometry."""
     ending = _check_file(path)
     if ending in ITK:
-        data, geometry = _read_itk(path, ending)
-    else:
-        data, geometry = _read_2d(path, ending, spacing_2d, label=False)
-    return to_canonical(_finite_image(path, data), geometry), geometry
+        return _read_itk(path, ending)
+    return _read_2d(path, ending, spacing_2d, label=label)
 
 
 def read_images(paths: Sequence[str | os.PathLike],
                 spacing_2d: Sequence[float] | None = None) -> tuple[np.ndarray, Geometry]:
     """Reads one case's channel files (nnU-Net's _0000, _0001, ...) and stacks them as channels, in the given order.
 
-    Every file must have the first file's shape and affine (within 1e-3); the geometry is the first file's. Files of
-    different formats may be mixed; an all-NIfTI case is read by `nifti.read_images` itself.
+    Every file must have the first file's shape and affine (within 1e-3; `nifti.read_images` checks, with this
+    module's reader); the geometry is the first file's. Files of different formats may be mixed.
     """
     return nifti.read_images(paths, reader=lambda path: read_image(path, spacing_2d))
 
@@ -343,11 +347,7 @@ def read_label(path: str | os.PathLike, spacing_2d: Sequence[float] | None = Non
     path = Path(path)
     if ending_of(path) in NIFTI:
         return nifti.read_label(path)
-    ending = _check_file(path)
-    if ending in ITK:
-        data, geometry = _read_itk(path, ending)
-    else:
-        data, geometry = _read_2d(path, ending, spacing_2d, label=True)
+    data, geometry = _read_other(path, spacing_2d, label=True)
     return to_canonical(_label_values(path, data), geometry), geometry
 
 

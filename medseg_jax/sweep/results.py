@@ -97,6 +97,8 @@ def score_sweep(finished: dict[str, dict[int, runs.RunDir]], tolerance_mm: float
             store = stores[key]
             labels = {int(k): v for k, v in store.plan["labels"].items()}
             classes = [c for c in sorted(labels) if c != 0]
+            # 2D pictures' references are read at the pixel size the validation predictions were written with
+            spacing_2d = tuple(store.plan["spacing_2d"]) if store.plan.get("spacing_2d") else None
             val_ids = json.loads(run.splits_path.read_text())[fold]["val"] if run.splits_path.is_file() else []
             for case_id in val_ids:
                 prediction = run.validation_dir / f"{case_id}.nii.gz"
@@ -106,7 +108,8 @@ def score_sweep(finished: dict[str, dict[int, runs.RunDir]], tolerance_mm: float
                 if reference is None or not reference.is_file():
                     raise MedsegError(f"case {case_id}: its source label ({reference}) is not readable any more")
                 fold_of[(trial, case_id)] = fold
-                tasks.append((trial, prediction, reference, labels, classes, float(tolerance_mm), "surfel"))
+                tasks.append((trial, prediction, reference, labels, classes, float(tolerance_mm), "surfel",
+                              spacing_2d))
     rows = score_files(tasks, workers)
     for row in rows:
         row["fold"] = fold_of[(row["prediction"], row["case"])]

@@ -129,6 +129,16 @@ def transferred_params(config: ml_collections.ConfigDict) -> Callable[[str], boo
     return lambda key: is_encoder_param(name, key)
 
 
+def apply_dataset_regions(config: ml_collections.ConfigDict, plan: dict) -> ml_collections.ConfigDict:
+    """`config` (changed in place) learning a region-labelled dataset's regions (its plan's, nnU-Net's format) as
+    `loss.regions`, unless the experiment names regions of its own. Every command that builds a step for a store
+    calls this first, so the network, loss and saved config agree with the data."""
+    if plan.get("regions") and not config.loss.get("regions"):
+        with config.unlocked():
+            config.loss.regions = tuple(tuple(int(v) for v in region) for region in plan["regions"])
+    return config
+
+
 def check_patch_size(patch_size: Sequence[int], model) -> None:
     factors = model.total_downsampling()
     if len(patch_size) != len(factors):

@@ -30,7 +30,13 @@ from medseg_jax.experiments import schema
 from medseg_jax.metrics.overlap import nanmean
 from medseg_jax.parallel import mesh as mesh_lib
 from medseg_jax.train.divergence import DivergenceGuard
-from medseg_jax.train.experiment import build_experiment, is_pretraining, run_keys, transferred_params
+from medseg_jax.train.experiment import (
+    apply_dataset_regions,
+    build_experiment,
+    is_pretraining,
+    run_keys,
+    transferred_params,
+)
 from medseg_jax.train.metrics_log import MetricsLog
 from medseg_jax.train.validation import evaluate_cases, export_validation, load_val_cases
 
@@ -126,9 +132,7 @@ def _train(config: ml_collections.ConfigDict, run: runs.RunDir, resume: bool, st
     mesh_lib.check_batch_divisible(config.infer.batch_size, layout, key="infer.batch_size")
     store = open_training_store(config.data, run.path, recorded_store_version(config, run, resume))
     plan = store.plan
-    if plan.get("regions") and not config.loss.get("regions"):  # a region-labelled dataset trains on its regions
-        with config.unlocked():
-            config.loss.regions = tuple(tuple(int(v) for v in region) for region in plan["regions"])
+    apply_dataset_regions(config, plan)  # a region-labelled dataset trains on its regions
     pretraining = is_pretraining(config)
     if pretraining:  # masked image modelling learns from every image; nothing to validate a segmentation on
         train_ids, val_ids, folds = list(store.case_ids), [], None
